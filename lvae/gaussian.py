@@ -1,0 +1,59 @@
+"""Diagonal-Gaussian and Bernoulli densities, the analytic KL and the precision-weighted merge.
+
+All functions work elementwise and return per-unit values; callers sum over the last dimension.
+Variances (``var``) are used throughout, as in the paper's notation (mu, sigma^2).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Per-unit log N(z | mu, var)."""
+    return -0.5 * (LOG_2PI + torch.log(var) + (z - mu) ** 2 / var)
+
+
+def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
+    """Per-unit log N(z | 0, 1) (the top prior p(z_L), eq 2)."""
+    return -0.5 * (LOG_2PI + z**2)
+
+
+def kl_normal(mu_q: torch.Tensor, var_q: torch.Tensor, mu_p: torch.Tensor, var_p: torch.Tensor) -> torch.Tensor:
+    """Per-unit KL( N(mu_q, var_q) || N(mu_p, var_p) ), in closed form."""
+    return 0.5 * (torch.log(var_p) - torch.log(var_q) + (var_q + (mu_q - mu_p) ** 2) / var_p - 1.0)
+
+
+def kl_standard_normal(mu_q: torch.Tensor, var_q: torch.Tensor) -> torch.Tensor:
+    """Per-unit KL( N(mu_q, var_q) || N(0, 1) )."""
+    return 0.5 * (var_q + mu_q**2 - 1.0 - torch.log(var_q))
+
+
+def precision_weighted(
+    mu_hat: torch.Tensor, var_hat: torch.Tensor, mu_p: torch.Tensor, var_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LVAE merge (paper eqs 17-18): the normalised product of two Gaussians.
+
+    var_q = 1 / (var_hat^-1 + var_p^-1),   mu_q = (mu_hat var_hat^-1 + mu_p var_p^-1) var_q.
+    (Eq 17 prints sigma_q without the square; the algebra and the authors' code use the variance.)
+    """
+    prec_hat = 1.0 / var_hat
+    prec_p = 1.0 / var_p
+    var_q = 1.0 / (prec_hat + prec_p)
+    mu_q = (mu_hat * prec_hat + mu_p * prec_p) * var_q
+    return mu_q, var_q
+
+
+def sample_normal(mu: torch.Tensor, var: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Reparameterised sample mu + sqrt(var) * eps (eps from ``generator`` when given)."""
+    eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device, generator=generator)
+    return mu + var.sqrt() * eps
+
+
+def log_bernoulli_logits(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel log B(x | sigmoid(logits)), computed stably from logits."""
+    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
