@@ -148,7 +148,8 @@ class EvalConfig:
     every: int = 10  # train/test L1 and per-unit KL every `every` epochs (and at the last epoch)
     iw_samples: int = 5000  # K of the importance-weighted test bound
     iw_every: int = 0  # L_K every `iw_every` epochs (0 = only at the last epoch of a call)
-    test_subset: int | None = None  # first n test images (None = all 10,000)
+    test_subset: int | None = None  # first n test images for L1 and KL (None = all 10,000)
+    iw_subset: int | None = None  # first n of those for L_K (None = the same images)
     train_subset: int | None = 10000  # train L1 on a fixed binarisation of the first n train images
     iw_chunk: int = 500  # importance samples per chunk (memory bound)
     bn_stats: str = "recompute"  # "recompute": BN population stats over train_subset | "running"
@@ -176,14 +177,29 @@ class RunConfig:
 
     @property
     def key(self) -> str:
-        """A short stable hash of model + training config (the name is not hashed)."""
-        payload = {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+        """A short stable hash of model + training config (the name is not hashed).
+
+        Only fields that differ from their defaults are hashed, so adding a new field (with a
+        default that reproduces the old behaviour) keeps every existing run's key. Never change
+        an existing default: add a field instead.
+        """
+        payload = {"model": _non_default(self.model), "train": _non_default(self.train)}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     @property
     def dir_name(self) -> str:
         return f"{self.name}-{self.key}"
+
+
+def _non_default(obj: Any) -> dict[str, Any]:
+    defaults = type(obj)()
+    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+            if getattr(obj, f.name) != getattr(defaults, f.name)}
+
+
+def _plain(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
 
 
 def from_dict(cls: type, d: dict[str, Any]) -> Any:

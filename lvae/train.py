@@ -157,9 +157,11 @@ def evaluate(model: HierarchicalVAE, data: datasets.ImageData, cfg: TrainConfig,
     if with_iw:
         t0 = time.perf_counter()
         iw_batch = max(1, min(100, 25_000 // max(1, min(ecfg.iw_chunk, ecfg.iw_samples))))
-        vals = torch.cat([iw_bound(model, x_test[s:s + iw_batch], ecfg.iw_samples, ecfg.iw_chunk, g)
-                          for s in range(0, len(x_test), iw_batch)])
+        x_iw = x_test[: ecfg.iw_subset] if ecfg.iw_subset else x_test
+        vals = torch.cat([iw_bound(model, x_iw[s:s + iw_batch], ecfg.iw_samples, ecfg.iw_chunk, g)
+                          for s in range(0, len(x_iw), iw_batch)])
         out["test_LK"], out["test_LK_se"] = _batched_mean_se(vals)
         out["iw_k"] = ecfg.iw_samples
+        out["n_iw"] = len(x_iw)
         out["iw_seconds"] = time.perf_counter() - t0
     return out

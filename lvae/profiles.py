@@ -1,0 +1,120 @@
+"""Execution profiles: the budgets (``smoke``, ``cpu``, ``paper``) that the book's chapters run with.
+
+A profile names a dataset, the depths and variants of the Fig 3 grid, epochs, warm-up, seeds and
+the evaluation budget. :func:`experiment` turns a profile + variant + depth into the exact
+:class:`~lvae.config.RunConfig` and :class:`~lvae.config.EvalConfig`, and :func:`get_run` returns
+it from the registry (training it only when it is missing).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, EvalConfig, RunConfig
+from .experiments import VARIANTS, run_config
+
+PROFILE_FILE_ENV = "LVAE_PROFILES"
+_KEYS = {"description", "dataset", "subset", "epochs", "warmup_epochs", "depths", "variants", "seeds",
+         "eval_every", "eval_train_subset", "test_subset", "iw_samples", "iw_every", "iw_subset", "keep_weights"}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    dataset: str
+    subset: int | None
+    epochs: int
+    warmup_epochs: int
+    depths: tuple[int, ...]
+    variants: tuple[str, ...]
+    seeds: tuple[int, ...]
+    eval_every: int
+    eval_train_subset: int | None
+    test_subset: int | None
+    iw_samples: int
+    iw_every: int
+    iw_subset: int | None
+    keep_weights: tuple[str, ...]
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths)
+
+    def budget(self) -> str:
+        """One sentence stating the budget, for captions next to our numbers."""
+        n_train = "all 60,000" if self.subset is None else f"{self.subset:,}"
+        n_iw = "all" if self.iw_subset is None and self.test_subset is None else f"{self.iw_subset or self.test_subset:,}"
+        return (f"profile '{self.name}': {self.epochs} epochs (warm-up {self.warmup_epochs}) on {n_train} training "
+                f"images, seed(s) {', '.join(map(str, self.seeds))}, L_{self.iw_samples} on {n_iw} test images")
+
+
+def _profile_file() -> Path:
+    if os.environ.get(PROFILE_FILE_ENV):
+        return Path(os.environ[PROFILE_FILE_ENV])
+    return Path(str(resources.files("lvae") / "profiles.yml"))
+
+
+def available() -> list[str]:
+    return list(yaml.safe_load(_profile_file().read_text()))
+
+
+def load_profile(name: str) -> Profile:
+    """The profile ``name`` from profiles.yml; unknown names and keys are refused with the valid ones."""
+    table = yaml.safe_load(_profile_file().read_text())
+    if name not in table:
+        raise ConfigError(f"unknown profile {name!r}; choose one of {sorted(table)} (defined in {_profile_file()})")
+    raw: dict[str, Any] = table[name]
+    unknown = set(raw) - _KEYS
+    if unknown:
+        raise ConfigError(f"profile {name!r} has unknown keys {sorted(unknown)}; valid keys: {sorted(_KEYS)}")
+    bad = [v for v in raw.get("variants", ()) if v not in VARIANTS]
+    if bad:
+        raise ConfigError(f"profile {name!r}: unknown variants {bad}; choose from {sorted(VARIANTS)}")
+    return Profile(
+        name=name, description=raw.get("description", ""), dataset=raw.get("dataset", "mnist"),
+        subset=raw.get("subset"), epochs=int(raw["epochs"]), warmup_epochs=int(raw.get("warmup_epochs", 0)),
+        depths=tuple(raw.get("depths", (1, 2, 3, 4, 5))), variants=tuple(raw.get("variants", tuple(VARIANTS))),
+        seeds=tuple(raw.get("seeds", (0,))), eval_every=int(raw.get("eval_every", 1)),
+        eval_train_subset=raw.get("eval_train_subset"), test_subset=raw.get("test_subset"),
+        iw_samples=int(raw.get("iw_samples", 5000)), iw_every=int(raw.get("iw_every", 0)),
+        iw_subset=raw.get("iw_subset"), keep_weights=tuple(raw.get("keep_weights", ())),
+    )
+
+
+def experiment(profile: Profile | str, variant: str, depth: int, seed: int | None = None,
+               **train_overrides: Any) -> tuple[RunConfig, EvalConfig]:
+    """The (RunConfig, EvalConfig) of one model of the profile's grid."""
+    p = load_profile(profile) if isinstance(profile, str) else profile
+    seed = p.seeds[0] if seed is None else seed
+    overrides = {"subset": p.subset, "seed": seed, **train_overrides}
+    cfg = run_config(variant, depth, dataset=p.dataset, warmup_epochs=p.warmup_epochs, **overrides)
+    if seed != 0:
+        cfg = RunConfig(name=f"{cfg.name}-s{seed}", model=cfg.model, train=cfg.train)
+    ecfg = EvalConfig(every=p.eval_every, iw_samples=p.iw_samples, iw_every=p.iw_every, test_subset=p.test_subset,
+                      iw_subset=p.iw_subset, train_subset=p.eval_train_subset)
+    return cfg, ecfg
+
+
+def get_run(profile: Profile | str, variant: str, depth: int, seed: int | None = None, *,
+            progress: bool = True, root: str | os.PathLike | None = None, **train_overrides: Any):
+    """The finished run of one grid model under ``profile``, trained only if it is missing."""
+    from .runs import get_or_train
+
+    p = load_profile(profile) if isinstance(profile, str) else profile
+    cfg, ecfg = experiment(p, variant, depth, seed, **train_overrides)
+    keep = variant in p.keep_weights and depth == p.max_depth
+    return get_or_train(cfg, p.epochs, ecfg, root=root, progress=progress, save_fp16=keep)
+
+
+def grid_runs(profile: Profile | str, *, progress: bool = True, root: str | os.PathLike | None = None,
+              seeds: tuple[int, ...] | None = None) -> dict[tuple[str, int, int], Any]:
+    """Every run of the profile's grid, keyed by (variant, depth, seed)."""
+    p = load_profile(profile) if isinstance(profile, str) else profile
+    return {(v, d, s): get_run(p, v, d, s, progress=progress, root=root)
+            for s in (seeds or p.seeds[:1]) for v in p.variants for d in p.depths}
