@@ -10,7 +10,6 @@ checkpoint replays exactly the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -31,14 +30,9 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced NaN/inf; the message names the epoch and step."""
 
 
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any tuple of parts (stable across processes and platforms)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
 def generator(device: torch.device | str, *parts: object) -> torch.Generator:
     g = torch.Generator(device=device)
-    g.manual_seed(derive_seed(*parts))
+    g.manual_seed(datasets.derive_seed(*parts))
     return g
 
 
