@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 PROFILE ?= cpu
 PYTEST_ARGS ?=
 
-.PHONY: install test book clean-venv
+.PHONY: install install-browser test book notebooks clean-venv
 
 $(BIN)/activate:
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
@@ -18,16 +18,29 @@ $(BIN)/activate:
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test,book]"
 	@touch $@
 
 install: $(VENV)/.installed
 
-test: install
+# Debian Chromium for the browser test of the book (needs root and the Debian archive; skipped,
+# with a message, where it cannot be installed -- the test then reports itself as skipped)
+install-browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not installed and cannot be installed here: the browser test will be skipped"; fi; }
+
+test: install install-browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Execute every chapter with papermill under PROFILE (smoke | cpu | paper) and build _build/html
 book: install
-	$(BIN)/lvae demo
+	$(BIN)/lvae book --profile $(PROFILE)
+
+# Regenerate the Colab notebooks book/*.ipynb from the book/*.md chapters
+notebooks: install
+	$(BIN)/lvae book --sync-notebooks
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""Command line: ``lvae train``, ``lvae eval``, ``lvae runs``, ``lvae data``.
+"""Command line: ``lvae train``, ``lvae eval``, ``lvae runs``, ``lvae data``, ``lvae book``.
 
 Every ModelConfig / TrainConfig / EvalConfig field is an option (``--latent-sizes 64,32``,
 ``--no-batch-norm``, ``--lr 1e-3`` ...). Invalid options or values are refused with a message
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import typing
 from typing import Any, Sequence
@@ -24,7 +25,8 @@ def _opt(name: str) -> str:
 
 
 def _parse_tuple(text: str, kind: type) -> tuple:
-    parts = [p for p in text.replace("-", ",").replace("x", ",").split(",") if p.strip()] if kind is int else \
+    # ints: "64,32", "64x32" or "64-32"; a minus sign after a separator or at the start stays a sign
+    parts = [p for p in re.split(r"[,x]|(?<=\d)-", text) if p.strip()] if kind is int else \
         [p for p in text.split(",") if p.strip()]
     try:
         return tuple(kind(p) for p in parts)
@@ -73,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--variant", choices=sorted(VARIANTS), default="lvae_bn_wu",
                    help="paper variant; sets inference, batch norm and warm-up (fields below override)")
     t.add_argument("--depth", type=int, choices=DEPTHS, default=5, help="number of stochastic layers")
-    t.add_argument("--epochs", type=int, required=True, help="train until the run has this many epochs")
+    t.add_argument("--epochs", type=int, default=None,
+                   help="train until the run has this many epochs (required unless --profile)")
+    t.add_argument("--grid", choices=("fig3",), default=None,
+                   help="train the whole Fig-3 grid (4 variants x depths) at once with lvae.grid (stacked models)")
+    t.add_argument("--depths", default=None, help="with --grid: depths, e.g. 1,2,3 (default: 1-5)")
+    t.add_argument("--profile", default=None,
+                   help="with --grid: budgets, depths, variants and seeds from lvae/profiles.yml (smoke | cpu | paper)")
     t.add_argument("--name", default=None, help="run name (default: <dataset>-<variant>-<depth>)")
     t.add_argument("--out", default=None, help="results directory (default: $LVAE_RESULTS or ./results)")
     t.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
@@ -95,15 +103,64 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="download / verify a dataset into the cache ($LVAE_DATA)")
     d.add_argument("dataset", choices=("mnist", "omniglot", "norb"))
     d.add_argument("--path", default=None, help="local file (omniglot chardata.mat, norb .npz)")
+
+    b = sub.add_parser("book", help="execute the book's chapters with papermill and build the HTML")
+    b.add_argument("--profile", default="cpu", help="budget from lvae/profiles.yml (smoke | cpu | paper)")
+    b.add_argument("--chapter", action="append", default=[], help="only this chapter (repeatable; default: all)")
+    b.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="chapter parameter override, e.g. -p epochs=3 -p depths=[1,2]")
+    b.add_argument("--results", default=None, help="run registry (default: results/; smoke: _build/smoke-results)")
+    b.add_argument("--out", default="_build", help="build folder (default: _build)")
+    b.add_argument("--no-html", action="store_true", help="execute the chapters only")
+    b.add_argument("--no-strict", action="store_true", help="do not turn Sphinx warnings into errors")
+    b.add_argument("--sync-notebooks", action="store_true",
+                   help="only write book/*.ipynb (Colab) from book/*.md, outputs stripped, and exit")
     return p
+
+
+def _train_grid(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .experiments import grid
+    from .grid import profile_grid, train_grid
+
+    train, model = _overrides(ns, "train"), _overrides(ns, "model")
+    try:
+        if ns.profile:
+            if model:
+                raise ConfigError("--profile fixes the architecture; drop the model options")
+            cfgs, ecfgs, keep, epochs = profile_grid(ns.profile, **train)
+            epochs = ns.epochs or epochs
+        else:
+            if ns.epochs is None or ns.epochs < 1:
+                raise ConfigError("--grid needs --epochs N (>= 1) or --profile NAME")
+            depths = tuple(int(d) for d in ns.depths.split(",")) if ns.depths else DEPTHS
+            cfgs = grid(ns.grid, depths=depths, model=model or None, **train)
+            ecfgs, keep, epochs = EvalConfig(**_overrides(ns, "eval")), True, ns.epochs
+    except (ConfigError, TypeError, ValueError) as e:
+        parser.error(str(e))
+    runs = train_grid(cfgs, epochs, ecfgs, root=ns.out, device=ns.device, progress=not ns.quiet, save_fp16=keep)
+    rows = []
+    for run in runs:
+        last = run.metrics()[-1] if run.metrics() else {}
+        rows.append({"run": str(run.path), "epochs": run.epochs, "status": run.status,
+                     **{k: last[k] for k in ("test_L1", "test_LK", "iw_k") if k in last}})
+    print(json.dumps(rows, indent=2))
+    return 0
 
 
 def _train(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .runs import get_or_train
 
+    if ns.grid or ns.profile:
+        if not ns.grid:
+            parser.error("--profile goes with --grid fig3")
+        return _train_grid(ns, parser)
+    if ns.epochs is None:
+        parser.error("the following arguments are required: --epochs")
+
     train = _overrides(ns, "train")
+    model = _overrides(ns, "model")  # --latent-sizes/--hidden-sizes override --depth's paper sizes
     try:
-        cfg = run_config(ns.variant, ns.depth, model=_overrides(ns, "model"),
+        cfg = run_config(ns.variant, ns.depth, model=model,
                          **{k: v for k, v in train.items() if k != "warmup_epochs"})
         if "warmup_epochs" in train:  # an explicit --warmup-epochs wins over the variant's default
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_epochs=train["warmup_epochs"]))
@@ -135,8 +192,7 @@ def _runs(ns: argparse.Namespace) -> int:
 
     rows = []
     for run in list_runs(ns.out):
-        rows.append({"name": run.name, "epochs": run.epochs, "status": run.status,
-                     "test_L1": run.last("test_L1"), "test_LK": run.last("test_LK"), "iw_k": run.last("iw_k")})
+        rows.append(run.summary())  # a failed run shows its error, never a number
     if ns.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -162,15 +218,49 @@ def _data(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _book(ns: argparse.Namespace) -> int:
+    from .book import BookError, build, parse_params, sync_notebooks
+
+    if ns.sync_notebooks:
+        print("updated:", ", ".join(sync_notebooks()) or "nothing (in sync)")
+        return 0
+    try:
+        build(ns.profile, ns.chapter, parse_params(ns.param), results=ns.results, out=ns.out,
+              html=not ns.no_html, strict=not ns.no_strict)
+    except BookError as e:
+        print(f"lvae book: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data import DataError
+    from .runs import RunError
+
+    return RunError, DataError, FloatingPointError  # FloatingPointError: NonFiniteLossError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    try:
+        return _dispatch(ns, parser)
+    except ConfigError as e:  # a bad value found after parsing (e.g. an unknown dataset): exit 2
+        parser.error(str(e))
+    except _user_errors() as e:  # damaged/locked run, missing data, NaN: exit 1 with the fix, no traceback
+        print(f"lvae {ns.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if ns.command == "train":
         return _train(ns, parser)
     if ns.command == "eval":
         return _eval(ns)
     if ns.command == "runs":
         return _runs(ns)
+    if ns.command == "book":
+        return _book(ns)
     return _data(ns)
 
 

@@ -16,6 +16,7 @@ INFERENCE = ("ladder", "bottom_up")
 LIKELIHOODS = ("bernoulli", "gaussian")
 NONLINEARITIES = ("leaky_relu", "tanh")
 UP_INPUTS = ("mu", "d")
+PRECISIONS = ("fp32", "bf16")
 
 PAPER_LATENT_SIZES = (64, 32, 16, 8, 4)
 PAPER_HIDDEN_SIZES = (512, 256, 128, 64, 32)
@@ -93,7 +94,8 @@ class ModelConfig:
         """The paper's MNIST architecture with ``n_layers`` stochastic layers (dropped from the top)."""
         if not 1 <= n_layers <= len(PAPER_LATENT_SIZES):
             raise ConfigError(f"n_layers={n_layers} must be between 1 and {len(PAPER_LATENT_SIZES)}")
-        return cls(latent_sizes=PAPER_LATENT_SIZES[:n_layers], hidden_sizes=PAPER_HIDDEN_SIZES[:n_layers], **overrides)
+        sizes = {"latent_sizes": PAPER_LATENT_SIZES[:n_layers], "hidden_sizes": PAPER_HIDDEN_SIZES[:n_layers]}
+        return cls(**{**sizes, **overrides})
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class TrainConfig:
     lr_decay_every: int = 0
     init_from: str | None = None  # "<run_dir_name>@<epoch>" to start from another run's weights (finetuning)
     test_seed: int = 0  # fixed binarisation of the test set
+    precision: str = "fp32"  # "fp32" | "bf16": bf16 autocast of the training step (matmuls in bf16, densities fp32)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
@@ -136,6 +139,7 @@ class TrainConfig:
             raise ConfigError(f"lr={self.lr} must be > 0")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr_decay={self.lr_decay} must be in (0, 1]")
+        _check_choice("precision", self.precision, PRECISIONS)
         if self.lr_decay_every < 0:
             raise ConfigError(f"lr_decay_every={self.lr_decay_every} must be >= 0")
 

@@ -50,7 +50,11 @@ def precision_weighted(
 
 def sample_normal(mu: torch.Tensor, var: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Reparameterised sample mu + sqrt(var) * eps (eps from ``generator`` when given)."""
-    eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device, generator=generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        # a noise source that replays pre-drawn eps (lvae.grid: many models under vmap)
+        eps = generator.draw(mu.shape)
+    else:
+        eps = torch.randn(mu.shape, dtype=mu.dtype, device=mu.device, generator=generator)
     return mu + var.sqrt() * eps
 
 

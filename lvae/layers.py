@@ -7,6 +7,7 @@ for K importance samples); batch norm sees them flattened into one batch.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -25,6 +26,19 @@ def glorot_normal_(linear: nn.Linear, gain: float) -> None:
     nn.init.normal_(linear.weight, 0.0, std)
     if linear.bias is not None:
         nn.init.zeros_(linear.bias)
+
+
+def _no_autocast(t: torch.Tensor):
+    """Leave an enclosing bf16 autocast region (the opt-in bf16 training mode); a no-op otherwise."""
+    try:
+        on = torch.is_autocast_enabled(t.device.type)
+    except TypeError:  # torch < 2.4
+        on = torch.is_autocast_cpu_enabled() if t.device.type == "cpu" else torch.is_autocast_enabled()
+    return torch.autocast(t.device.type, enabled=False) if on else contextlib.nullcontext()
+
+
+def _full_precision_input(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype != torch.float32 and t.is_floating_point() and t.dtype != torch.float64 else t
 
 
 class Dense(nn.Module):
@@ -47,6 +61,8 @@ class Dense(nn.Module):
         return self.bn.bias if self.bn is not None else self.linear.bias
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if torch.is_inference_mode_enabled() and (self.bn is None or not self.bn.training):
+            return self._forward_inference(h)
         a = self.linear(h)
         if self.bn is not None:
             lead = a.shape[:-1]
@@ -55,6 +71,33 @@ class Dense(nn.Module):
             return F.leaky_relu(a, self.leak)
         if self.activation == "tanh":
             return torch.tanh(a)
+        return a
+
+
+    def _forward_inference(self, h: torch.Tensor) -> torch.Tensor:
+        """Evaluation fast path (under torch.inference_mode, BN in eval mode): batch norm with
+        population statistics is an affine map, folded into the linear layer (one GEMM with its
+        bias, no extra pass over the activations); the nonlinearity is applied in place. Same
+        math as :meth:`forward` up to floating-point rounding."""
+        w, b = self.folded()
+        return self.activate_(F.linear(h, w, b))
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of the affine map Linear -> BN(eval) (population statistics)."""
+        w, b = self.linear.weight, self.linear.bias
+        if self.bn is not None:
+            bn = self.bn
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            w = w * scale[:, None]
+            b = bn.bias - bn.running_mean * scale
+        return w, b
+
+    def activate_(self, a: torch.Tensor) -> torch.Tensor:
+        """The nonlinearity, in place (inference only)."""
+        if self.activation == "leaky_relu":
+            return F.leaky_relu_(a, self.leak)
+        if self.activation == "tanh":
+            return a.tanh_()
         return a
 
 
@@ -82,7 +125,9 @@ class GaussianHead(nn.Module):
         self.eps = cfg.var_eps
 
     def forward(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mu(d), F.softplus(self.var(d)) + self.eps
+        d = _full_precision_input(d)
+        with _no_autocast(d):  # bf16 mode: the heads (small GEMMs) and the densities stay fp32
+            return self.mu(d), F.softplus(self.var(d)) + self.eps
 
 
 class BernoulliOutput(nn.Module):
@@ -94,7 +139,9 @@ class BernoulliOutput(nn.Module):
         glorot_normal_(self.logits, 1.0)
 
     def params(self, d: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"logits": self.logits(d)}
+        d = _full_precision_input(d)
+        with _no_autocast(d):  # bf16 mode: the output layer stays fp32 (bf16 logits cost ~1 nat)
+            return {"logits": self.logits(d)}
 
     @staticmethod
     def log_prob(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -118,7 +165,9 @@ class GaussianOutput(nn.Module):
         self.eps = cfg.var_eps
 
     def params(self, d: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"mu": self.mu(d), "var": F.softplus(self.var(d)) + self.eps}
+        d = _full_precision_input(d)
+        with _no_autocast(d):
+            return {"mu": self.mu(d), "var": F.softplus(self.var(d)) + self.eps}
 
     @staticmethod
     def log_prob(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:

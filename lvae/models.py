@@ -226,12 +226,19 @@ class HierarchicalVAE(nn.Module):
                 f"x must be a float tensor of shape [batch, {self.config.x_dim}], got {shape}; "
                 f"flatten images with x.reshape(len(x), -1)"
             )
+        dtype = next(self.parameters()).dtype
+        if x.dtype != dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the model computes in {dtype}; "
+                            f"convert it with x.to({dtype}) (pixel values in [0, 1])")
 
-    def _check_zs(self, zs: list[torch.Tensor]) -> None:
+    def _check_zs(self, x: torch.Tensor, zs: list[torch.Tensor]) -> None:
         sizes = self.config.latent_sizes
+        got = [tuple(z.shape) for z in zs]
         if len(zs) != len(sizes) or any(z.shape[-1] != d for z, d in zip(zs, sizes)):
-            got = [tuple(z.shape) for z in zs]
             raise ValueError(f"zs must be {len(sizes)} tensors [.., d_i] with d_i = {list(sizes)} (bottom to top), got {got}")
+        if any(z.shape[:-1] != x.shape[:-1] for z in zs):
+            raise ValueError(f"zs must have x's batch shape {tuple(x.shape[:-1])} before the last dimension, got {got}; "
+                             f"for K samples per example flatten [K, B, d] to [K*B, d] and repeat x K times")
 
     # -- passes -------------------------------------------------------------------------------------
     def upward(self, x: torch.Tensor):
@@ -252,7 +259,7 @@ class HierarchicalVAE(nn.Module):
     def log_joint(self, x: torch.Tensor, zs: list[torch.Tensor]) -> torch.Tensor:
         """log p(x, z_1..z_L) per example, ``zs`` bottom (z_1) to top (z_L), each ``[B, d_i]``."""
         self._check_x(x)
-        self._check_zs(zs)
+        self._check_zs(x, zs)
         return self.generative.log_joint(x, zs)
 
     def sample_posterior(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None):

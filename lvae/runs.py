@@ -12,6 +12,25 @@ A run is keyed by a hash of its full :class:`~lvae.config.RunConfig` and lives i
 :func:`get_or_train` reuses a run that already has >= the requested epochs, resumes one that
 has fewer from its checkpoint, and trains otherwise. Files are written atomically (temp file,
 fsync, rename) and a run directory is locked while a process trains it.
+
+Reliability contract (tests/test_faults.py kills real training processes to check it):
+
+* A process killed at any point (mid-step, mid-evaluation, between a temp file and its rename)
+  leaves a run that :func:`get_or_train` resumes from its last checkpoint and finishes with
+  bit-identical weights, optimizer state and metrics (CPU, same thread count). Evaluations
+  are written *before* the checkpoint of their epoch, so a kill in between replays them.
+* ``checkpoint.pt`` and ``model-fp16.pt`` carry a SHA-256 digest of their content; a damaged
+  file is refused with :class:`RunError` naming the fix, never silently loaded.
+* NaN/inf in the loss, or parameters made non-finite by non-finite gradients, stop the run with
+  :class:`~lvae.train.NonFiniteLossError` naming the epoch/step; the last good checkpoint is
+  kept and the run is marked ``failed``. :meth:`Run.result` refuses to give a failed (or
+  unfinished) run's number; :meth:`Run.result_text` renders it as ``failed``.
+* ``Run.status`` is ``complete``, ``partial`` (stopped cleanly by ``stop_after``), ``running``
+  (a live process holds the lock), ``interrupted`` (its process died), ``failed`` or ``unknown``.
+
+Test-only fault injection: ``LVAE_FAULT=<point>:<n>[,<point>:<n>...]`` SIGKILLs the process the
+n-th time it reaches ``point`` (see :func:`_test_fault_hook`). Unset, it costs one environment
+lookup per file write and nothing per training step.
 """
 from __future__ import annotations
 
@@ -19,9 +38,11 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -33,7 +54,7 @@ from typing import Any, Iterator
 import torch
 
 from . import data as datasets
-from .config import EvalConfig, RunConfig
+from .config import ConfigError, EvalConfig, RunConfig
 from .models import HierarchicalVAE, build_model
 from .train import NonFiniteLossError, default_device, evaluate, make_optimizer, train_epoch
 
@@ -41,6 +62,11 @@ RESULTS_ENV = "LVAE_RESULTS"
 FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS_FP16 = "model-fp16.pt"
+FAULT_ENV = "LVAE_FAULT"
+# files of a run directory that only the lock holder writes (its stale temp files are removed on resume)
+_LOCKED_FILES = ("config.json", "provenance.json", "metrics.jsonl", CHECKPOINT, WEIGHTS_FP16)
+_FAULT_POINTS = {"config.json": "config", "provenance.json": "provenance", "metrics.jsonl": "metrics",
+                 CHECKPOINT: "checkpoint", WEIGHTS_FP16: "fp16", "evals.jsonl": "evals"}
 
 
 class RunError(RuntimeError):
@@ -49,6 +75,60 @@ class RunError(RuntimeError):
 
 class RunLockedError(RunError):
     """Another process is training this run."""
+
+
+class RunFailedError(RunError):
+    """The run stopped with an error (e.g. NaN); it has no result to report."""
+
+
+class RunIncompleteError(RunError):
+    """The run has not (yet) reached its target epochs; it has no final result to report."""
+
+
+# -- test-only fault injection -------------------------------------------------------------------
+_fault_counts: dict[str, int] = {}
+
+
+def _test_fault_hook(point: str) -> None:
+    """TEST-ONLY: SIGKILL this process the n-th time it reaches ``point`` if ``$LVAE_FAULT`` asks.
+
+    ``LVAE_FAULT="checkpoint:2"`` kills during the 2nd checkpoint write (temp file written and
+    fsynced, not yet renamed); several comma-separated points are allowed. Points:
+
+    * ``step`` -- after an optimizer step (counted over the process; only when the variable is set
+      at the start of training is the progress bar wrapped to count steps),
+    * ``eval`` -- after an evaluation was computed, before its metrics row is written,
+    * ``config`` / ``provenance`` / ``metrics`` / ``checkpoint`` / ``fp16`` / ``evals`` -- mid-write
+      of that file, between the fsynced temp file and its rename.
+
+    The counts are per process, so a resumed process counts from 1 again.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    n = _fault_counts[point] = _fault_counts.get(point, 0) + 1
+    for item in spec.split(","):
+        name, _, at = item.strip().partition(":")
+        if not (at or "1").isdigit():
+            raise ValueError(f"{FAULT_ENV}={spec!r}: expected <point>:<n>[,<point>:<n>...], e.g. checkpoint:2")
+        if name == point and n == int(at or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _FaultingProgress:
+    """TEST-ONLY progress-bar wrapper that calls the ``step`` fault hook after every optimizer step.
+    Installed only when ``$LVAE_FAULT`` is set, so normal training pays nothing per step."""
+
+    def __init__(self, bar: Any):
+        self._bar = bar
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+        for _ in range(n):
+            _test_fault_hook("step")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bar, name)
 
 
 def results_dir(override: str | os.PathLike | None = None) -> Path:
@@ -71,12 +151,18 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write ``payload`` to a temp file, fsync it, rename it over ``path``, fsync the directory."""
+    tmp = _tmp_path(path)
     with open(tmp, "wb") as f:
         f.write(payload)
         f.flush()
         os.fsync(f.fileno())
+    _test_fault_hook(_FAULT_POINTS.get(path.name, "write"))
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -86,11 +172,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _tmp_path(path)
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    _test_fault_hook(_FAULT_POINTS.get(path.name, "write"))
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -99,13 +186,19 @@ def read_jsonl(path: Path) -> list[dict]:
     """All complete lines of a JSON-lines file; a torn (unparsable) last line is ignored."""
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise RunError(f"{path} is corrupted (not text); delete the run directory to retrain it") from None
     out = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            out.append(json.loads(line))
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise json.JSONDecodeError("not a JSON object", line, 0)
+            out.append(row)
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break  # torn last line from a killed writer
@@ -147,22 +240,57 @@ def _now() -> str:
 
 
 # -- a stored run --------------------------------------------------------------------------------
+def _read_json(path: Path, fix: str) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"{path} is corrupted ({type(e).__name__}: {e}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise RunError(f"{path} is corrupted (not a JSON object); {fix}")
+    return obj
+
+
+def _lock_held(path: Path) -> bool:
+    """Whether a live process holds the training lock of run directory ``path`` (probe only)."""
+    try:
+        fd = os.open(path / ".lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EAGAIN, errno.EACCES)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 class Run:
-    """A run directory of the registry (read side)."""
+    """A run directory of the registry (read side).
+
+    For numbers that go into the book use :meth:`result` / :meth:`result_text`: they refuse a
+    failed or unfinished run. :meth:`last` and :meth:`metrics` are the raw log (learning curves).
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not (self.path / "config.json").exists():
             raise RunError(f"{self.path} is not a run directory (no config.json); list runs with `lvae runs`")
-        stored = json.loads((self.path / "config.json").read_text())
+        stored = _read_json(self.path / "config.json", "delete the run directory to retrain it")
         version = stored.get("format_version")
         if version != FORMAT_VERSION:
             raise RunError(
                 f"{self.path} was written by an incompatible lvae (format_version {version}, this lvae reads "
                 f"{FORMAT_VERSION}); move it away or delete it to retrain"
             )
-        self.config = RunConfig.from_dict(stored["run"])
-        self.eval_config = EvalConfig(**stored.get("eval", {}))
+        try:
+            self.config = RunConfig.from_dict(stored["run"])
+            self.eval_config = EvalConfig(**stored.get("eval", {}))
+        except (KeyError, TypeError, ConfigError) as e:
+            raise RunError(f"{self.path / 'config.json'} does not describe a valid run ({type(e).__name__}: {e}); "
+                           f"delete the run directory to retrain it") from None
 
     def __repr__(self) -> str:
         return f"Run({self.path.name!r}, epochs={self.epochs}, status={self.status!r})"
@@ -174,11 +302,28 @@ class Run:
     @property
     def provenance(self) -> dict[str, Any]:
         p = self.path / "provenance.json"
-        return json.loads(p.read_text()) if p.exists() else {}
+        if not p.exists():
+            return {}
+        return _read_json(p, f"delete it (the run resumes from its {CHECKPOINT}) or delete the run directory")
 
     @property
     def status(self) -> str:
-        return self.provenance.get("status", "unknown")
+        """complete | partial | running | interrupted (its process died) | failed | unknown."""
+        status = self.provenance.get("status", "unknown")
+        if status == "running" and not _lock_held(self.path):
+            return "interrupted"
+        return status
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run finished its target epochs (its numbers may be reported)."""
+        return self.status == "complete"
+
+    @property
+    def error(self) -> str | None:
+        """Why a failed run failed (None otherwise)."""
+        prov = self.provenance
+        return prov.get("error") if prov.get("status") == "failed" else None
 
     @property
     def epochs(self) -> int:
@@ -188,11 +333,46 @@ class Run:
         return read_jsonl(self.path / "metrics.jsonl")
 
     def last(self, key: str) -> Any:
-        """The latest evaluation's value of ``key`` (None if never measured)."""
+        """The latest evaluation's value of ``key`` (None if never measured), whatever the status:
+        for learning curves and progress; report results with :meth:`result`."""
         for row in reversed(self.metrics()):
             if key in row:
                 return row[key]
         return None
+
+    def result(self, key: str) -> Any:
+        """The final value of ``key`` of a complete run (None if it was never measured).
+
+        Raises RunFailedError for a failed run and RunIncompleteError for one that is partial,
+        running, interrupted or unknown, so that a failed run's number never reaches the book.
+        """
+        status = self.status
+        if status == "failed":
+            raise RunFailedError(f"{self.name} failed: {self.error}")
+        if status != "complete":
+            raise RunIncompleteError(f"{self.name} is {status} ({self.epochs} epochs of "
+                                     f"{self.provenance.get('target_epochs', '?')}); resume it with get_or_train")
+        return self.last(key)
+
+    def result_text(self, key: str, fmt: str = "{:.2f}") -> str:
+        """:meth:`result` formatted for a table: the number, or ``failed`` / ``<status>`` / ``-``."""
+        try:
+            value = self.result(key)
+        except RunFailedError:
+            return "failed"
+        except RunIncompleteError:
+            return self.status
+        return "-" if value is None else fmt.format(value) if isinstance(value, (int, float)) else str(value)
+
+    def summary(self) -> dict[str, Any]:
+        """One row of ``lvae runs``: a failed run shows its error, never a number."""
+        status = self.status
+        row: dict[str, Any] = {"name": self.name, "epochs": self.epochs, "status": status}
+        for key in ("test_L1", "test_LK", "iw_k"):
+            row[key] = None if status == "failed" else self.last(key)
+        if status == "failed":
+            row["error"] = self.error
+        return row
 
     def evals(self) -> list[dict]:
         return read_jsonl(self.path / "evals.jsonl")
@@ -207,15 +387,64 @@ class Run:
             state = {k: (v.float() if v.is_floating_point() else v) for k, v in _load(fp16)["model"].items()}
         else:
             raise RunError(f"{self.path} has no weights ({CHECKPOINT} or {WEIGHTS_FP16}); retrain it with get_or_train")
-        model.load_state_dict(state)
+        _load_state(model, state, ckpt if ckpt.exists() else fp16)
         return model.to(device).eval()
 
 
+def _digest(obj: Any) -> str:
+    """SHA-256 of a (nested) checkpoint payload: tensors by dtype, shape and bytes; the rest by repr."""
+    h = hashlib.sha256()
+
+    def walk(o: Any) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(o, dict):
+            h.update(b"D%d" % len(o))
+            for k in sorted(o, key=repr):
+                h.update(repr(k).encode())
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            h.update(b"L%d" % len(o))
+            for v in o:
+                walk(v)
+        else:
+            h.update(repr(o).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def _with_digest(payload: dict) -> dict:
+    return {**payload, "digest": _digest(payload)}
+
+
 def _load(path: Path) -> dict:
+    """torch.load a checkpoint / weights file and verify its digest (files without one are trusted)."""
+    fix = "delete it to retrain the run (or restore it from a copy)"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise RunError(f"{path} is damaged ({type(e).__name__}: {e}); delete it to retrain the run") from e
+        raise RunError(f"{path} is damaged ({type(e).__name__}: {e}); {fix}") from e
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise RunError(f"{path} is damaged (no model state); {fix}")
+    if "digest" in obj:
+        stored = obj.pop("digest")
+        if stored != _digest(obj):
+            raise RunError(f"{path} is corrupted (its content does not match its SHA-256 digest); {fix}")
+    version = obj.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise RunError(f"{path} has format_version {version}, this lvae reads {FORMAT_VERSION}; {fix}")
+    return obj
+
+
+def _load_state(module: Any, state: dict, path: Path) -> None:
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path} does not fit this run's model ({type(e).__name__}: {str(e)[:300]}); delete it "
+                       f"to retrain the run") from None
 
 
 def list_runs(root: str | os.PathLike | None = None) -> list[Run]:
@@ -250,21 +479,26 @@ def open_run(name: str | os.PathLike, root: str | os.PathLike | None = None) -> 
 
 # -- training into the registry ------------------------------------------------------------------
 @contextlib.contextmanager
-def run_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a run directory; a second trainer gets RunLockedError at once."""
+def run_lock(path: Path, retries: int = 5) -> Iterator[None]:
+    """Hold an exclusive lock on a run directory; a second trainer gets RunLockedError (after
+    ``retries`` short retries, which ride over a concurrent status probe)."""
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                raise RunLockedError(
-                    f"{path.name} is being trained by another process (pid {holder}); wait for it to finish "
-                    f"or stop it, then run again"
-                ) from None
-            raise
+        for attempt in range(retries + 1):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if attempt == retries:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                    raise RunLockedError(
+                        f"{path.name} is being trained by another process (pid {holder}); wait for it to finish "
+                        f"or stop it, then run again"
+                    ) from None
+                time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -272,12 +506,15 @@ def run_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _save_checkpoint(path: Path, model: HierarchicalVAE, optimizer, epoch: int, save_fp16: bool) -> None:
-    atomic_torch_save(path / CHECKPOINT, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                          "epoch": epoch, "format_version": FORMAT_VERSION})
+def _save_checkpoint(path: Path, model: HierarchicalVAE, optimizer, epoch: int, pending_losses: list[float],
+                     save_fp16: bool) -> None:
+    atomic_torch_save(path / CHECKPOINT, _with_digest({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+        # train losses of the epochs since the last evaluation (its row averages them)
+        "train_losses": list(pending_losses), "format_version": FORMAT_VERSION}))
     if save_fp16:
         half = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-        atomic_torch_save(path / WEIGHTS_FP16, {"model": half, "epoch": epoch})
+        atomic_torch_save(path / WEIGHTS_FP16, _with_digest({"model": half, "epoch": epoch}))
 
 
 def _init_from(spec: str, model: HierarchicalVAE, root: Path) -> None:
@@ -288,7 +525,28 @@ def _init_from(spec: str, model: HierarchicalVAE, root: Path) -> None:
         have = None if ckpt is None else ckpt["epoch"]
         raise RunError(f"init_from={spec!r}: {parent.name} has a checkpoint at epoch {have}; train it to "
                        f"exactly {epoch} epochs first")
-    model.load_state_dict(ckpt["model"])
+    _load_state(model, ckpt["model"], parent.path / CHECKPOINT)
+
+
+def _check_finite_parameters(model: HierarchicalVAE, epoch: int, n_batches: int, lr: float) -> None:
+    """Non-finite gradients make parameters non-finite (one host sync per epoch)."""
+    params = [p.detach() for p in model.parameters()]
+    if bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        return
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    raise NonFiniteLossError(
+        f"non-finite gradients at epoch {epoch + 1} (step {n_batches}, the last of the epoch, whose loss was "
+        f"finite) made parameters {bad[:3]} non-finite; lower the learning rate (lr={lr}) or check the data. "
+        f"The last good checkpoint is kept."
+    )
+
+
+def _completed(path: Path, epochs: int) -> Run | None:
+    if (path / "config.json").exists():
+        run = Run(path)
+        if run.epochs >= epochs and run.status == "complete":
+            return run
+    return None
 
 
 def get_or_train(config: RunConfig, epochs: int, eval_config: EvalConfig | None = None, *,
@@ -298,43 +556,62 @@ def get_or_train(config: RunConfig, epochs: int, eval_config: EvalConfig | None 
     """Return the run of ``config`` with at least ``epochs`` epochs, training or resuming as needed.
 
     ``stop_after`` stops (cleanly, with a checkpoint) after that many new epochs: for tests and
-    for splitting long runs over sessions.
+    for splitting long runs over sessions. Bad arguments and unavailable data are refused before
+    the run directory is created. Raises RunLockedError when another process trains the run,
+    RunError for a damaged or incompatible run directory (the message names the fix), and
+    NonFiniteLossError (after marking the run failed) when training diverges.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs={epochs} must be >= 1")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs={epochs!r} must be a positive integer")
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise ConfigError(f"stop_after={stop_after!r} must be a positive integer or None")
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"get_or_train takes an lvae.RunConfig, got {type(config).__name__}")
     ecfg = eval_config or EvalConfig()
     base = results_dir(root)
     path = base / config.dir_name
-    if (path / "config.json").exists():
-        run = Run(path)
-        if run.epochs >= epochs and run.status == "complete":
-            return run
+    done = _completed(path, epochs)  # also refuses an incompatible or damaged run directory
+    if done is not None:
+        return done
+    tcfg, mcfg = config.train, config.model
+    if data is None:
+        if tcfg.dataset not in datasets.DATASETS:
+            raise ConfigError(f"dataset={tcfg.dataset!r} is not valid; choose one of {', '.join(datasets.DATASETS)}")
+        data = datasets.load_dataset(tcfg.dataset, subset=tcfg.subset, test_subset=ecfg.test_subset,
+                                     test_seed=tcfg.test_seed)
+    if data.x_dim != mcfg.x_dim or data.likelihood != mcfg.likelihood:
+        raise ConfigError(f"dataset {tcfg.dataset!r} has x_dim={data.x_dim}, likelihood={data.likelihood!r} but the "
+                          f"model expects x_dim={mcfg.x_dim}, likelihood={mcfg.likelihood!r}; fix ModelConfig")
     dev = torch.device(device) if device is not None else default_device()
     with run_lock(path):
+        done = _completed(path, epochs)  # another process may have finished it while we waited
+        if done is not None:
+            return done
         return _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, data, stop_after)
 
 
 def _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, data, stop_after) -> Run:
     tcfg, mcfg = config.train, config.model
+    for tmp in path.glob(".*.tmp-*"):  # left by a process killed mid-write; we hold the lock
+        if tmp.name[1:].partition(".tmp-")[0] in _LOCKED_FILES:
+            tmp.unlink(missing_ok=True)
     atomic_write_json(path / "config.json", {"format_version": FORMAT_VERSION, "run": config.to_dict(),
                                              "eval": dataclasses.asdict(ecfg)})
-    prov = json.loads((path / "provenance.json").read_text()) if (path / "provenance.json").exists() else {}
-    if data is None:
-        data = datasets.load_dataset(tcfg.dataset, subset=tcfg.subset, test_subset=ecfg.test_subset,
-                                     test_seed=tcfg.test_seed)
-    if data.x_dim != mcfg.x_dim or data.likelihood != mcfg.likelihood:
-        raise RunError(f"dataset {tcfg.dataset!r} has x_dim={data.x_dim}, likelihood={data.likelihood!r} but the "
-                       f"model expects x_dim={mcfg.x_dim}, likelihood={mcfg.likelihood!r}; fix ModelConfig")
+    prov = Run(path).provenance
 
     torch.manual_seed(tcfg.seed)  # parameter initialisation
     model = build_model(mcfg).to(dev)
     optimizer = make_optimizer(model, tcfg)
     start = 0
+    pending: list[float] = []  # train losses since the last evaluation
     if (path / CHECKPOINT).exists():
         ckpt = _load(path / CHECKPOINT)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        _load_state(model, ckpt["model"], path / CHECKPOINT)
+        _load_state(optimizer, ckpt["optimizer"], path / CHECKPOINT)
         start = int(ckpt["epoch"])
+        pending = [float(v) for v in ckpt.get("train_losses", [])]
+        if start > 0:
+            prov["resumes"] = int(prov.get("resumes", 0)) + 1
     elif prov.get("epochs", 0) > 0:
         warnings.warn(f"{path.name}: no {CHECKPOINT} to resume from (only the fp16 weights travel with the "
                       f"repository); retraining from scratch", stacklevel=3)
@@ -342,11 +619,12 @@ def _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, da
     elif tcfg.init_from:
         _init_from(tcfg.init_from, model, base)
     # evaluations made after the checkpoint (by a process killed later) are replayed, not kept twice
-    write_jsonl(path / "metrics.jsonl", [r for r in read_jsonl(path / "metrics.jsonl") if r["epoch"] <= start])
+    write_jsonl(path / "metrics.jsonl", [r for r in read_jsonl(path / "metrics.jsonl") if r.get("epoch", 0) <= start])
 
     prov.update({"status": "running", "pid": os.getpid(), "seed": tcfg.seed, "device": device_description(dev),
                  "torch": torch.__version__, "python": sys.version.split()[0], "lvae_format": FORMAT_VERSION,
                  "epochs": start, "target_epochs": epochs, **git_commit()})
+    prov.pop("error", None)
     prov.setdefault("started", _now())
     prov.setdefault("wall_seconds", 0.0)
     atomic_write_json(path / "provenance.json", prov)
@@ -356,24 +634,23 @@ def _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, da
     end = epochs if stop_after is None else min(epochs, start + stop_after)
     n_batches = datasets.num_batches(len(data.x_train), tcfg.batch_size)
     bar = tqdm(total=(end - start) * n_batches, desc=path.name, unit="step", disable=not progress, leave=False)
-    train_losses: list[float] = []
+    steps = _FaultingProgress(bar) if os.environ.get(FAULT_ENV) else bar  # test-only, see _test_fault_hook
     try:
         for epoch in range(start, end):
             t0 = time.perf_counter()
-            res = train_epoch(model, optimizer, data, epoch, tcfg, dev, bar)
-            train_losses.append(res.train_loss)
+            res = train_epoch(model, optimizer, data, epoch, tcfg, dev, steps)
+            _check_finite_parameters(model, epoch, n_batches, res.lr)
+            pending.append(res.train_loss)
             done = epoch + 1
-            row = None
             if done % ecfg.every == 0 or done == epochs:
                 with_iw = done == epochs or (ecfg.iw_every > 0 and done % ecfg.iw_every == 0)
-                row = {"epoch": done, "beta": res.beta, "lr": res.lr,
-                       "train_loss": sum(train_losses) / len(train_losses),
-                       **evaluate(model, data, tcfg, ecfg, epoch, with_iw, dev)}
-                train_losses = []
-            _save_checkpoint(path, model, optimizer, done, save_fp16)
-            if row is not None:
-                row["epoch_seconds"] = res.seconds
+                row = {"epoch": done, "beta": res.beta, "lr": res.lr, "train_loss": sum(pending) / len(pending),
+                       **evaluate(model, data, tcfg, ecfg, epoch, with_iw, dev), "epoch_seconds": res.seconds}
+                _test_fault_hook("eval")
+                # the row is written before the checkpoint of its epoch: a kill in between replays the epoch
                 append_jsonl(path / "metrics.jsonl", row)
+                pending = []
+            _save_checkpoint(path, model, optimizer, done, pending, save_fp16)
             prov["wall_seconds"] += time.perf_counter() - t0
             prov["epochs"] = done
             atomic_write_json(path / "provenance.json", prov)
@@ -385,7 +662,6 @@ def _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, da
     finally:
         bar.close()
     prov.update({"status": "complete" if prov["epochs"] >= epochs else "partial", "finished": _now()})
-    prov.pop("error", None)
     atomic_write_json(path / "provenance.json", prov)
     return Run(path)
 

@@ -10,6 +10,7 @@ checkpoint replays exactly the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -41,7 +42,11 @@ def default_device() -> torch.device:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    # fp32: foreach -- a few multi-tensor kernels instead of ~10 per parameter, bitwise identical to
+    # the per-parameter loop. The fused kernel (one pass, ~3x faster on CPU) rounds differently, so
+    # it is used only by the opt-in bf16 mode, whose numbers differ from fp32 anyway.
+    kind = {"fused": True} if getattr(cfg, "precision", "fp32") == "bf16" else {"foreach": True}
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, **kind)
 
 
 def learning_rate(epoch: int, cfg: TrainConfig) -> float:
@@ -52,10 +57,18 @@ def learning_rate(epoch: int, cfg: TrainConfig) -> float:
 
 
 def clip_gradients(params: list[torch.Tensor], cfg: TrainConfig) -> None:
+    """Rescale to total norm <= clip_norm, then clip elementwise to +-clip_value (no host sync)."""
     if cfg.clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm, foreach=True)
     if cfg.clip_value > 0:
-        torch.nn.utils.clip_grad_value_(params, cfg.clip_value)
+        torch.nn.utils.clip_grad_value_(params, cfg.clip_value, foreach=True)
+
+
+def autocast(cfg: TrainConfig, device: torch.device | str):
+    """The training step's precision context: bf16 autocast (``cfg.precision == "bf16"``) or none."""
+    if getattr(cfg, "precision", "fp32") == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -81,7 +94,8 @@ def train_epoch(model: HierarchicalVAE, optimizer: torch.optim.Optimizer, data: 
     losses = []
     for x in datasets.train_batches(data, epoch, cfg.seed, cfg.batch_size):
         x = x.to(device, non_blocking=True)
-        loss = -training_bound(model, x, beta, cfg.eq_samples, cfg.iw_samples, cfg.analytic_kl, noise).mean()
+        with autocast(cfg, device):
+            loss = -training_bound(model, x, beta, cfg.eq_samples, cfg.iw_samples, cfg.analytic_kl, noise).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_gradients(params, cfg)

@@ -1,0 +1,143 @@
+"""The built smoke book in a real browser: headless Debian Chromium driven by Playwright.
+
+Serves the HTML on 127.0.0.1, opens every page, and checks: no console/page errors, every image
+loaded, the widget explorer renders from its embedded state (JavaScript served from the book's
+own _static/) and its slider changes the visible image. Screenshots go to _build/screenshots/.
+
+Chromium: `apt-get install -y chromium` (the Makefile's `install-browser` does it). The test is
+skipped, with the reason, only when no Chromium binary or no Playwright is available. Playwright's
+own browser download is never used (`executable_path` points at the system Chromium).
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from test_book import ROOT, smoke_book  # noqa: F401  (shared, built once per session)
+
+CHROMIUM = os.environ.get("LVAE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOTS = ROOT / "_build" / "screenshots"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+# console messages that are not failures of the book (none are expected today; keep the list short)
+IGNORED = ("favicon.ico", "Download the React DevTools")
+
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium binary (install it: `make install-browser` "
+                                                "or `apt-get install -y chromium`)"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(smoke_book):
+    html = smoke_book / "html"
+    handler = functools.partial(_QuietHandler, directory=str(html))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    thread.join(5)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # noqa: D401 - keep pytest output clean
+        pass
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install .[book])")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def _open(browser, url: str):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} ({r.failure})"))
+    page.goto(url, wait_until="networkidle")
+    return page, problems
+
+
+def _load_all_images(page) -> None:
+    page.evaluate("""async () => {
+        for (const img of document.images) { img.loading = 'eager'; }
+        const h = document.body.scrollHeight;
+        for (let y = 0; y < h; y += 600) { window.scrollTo(0, y); await new Promise(r => setTimeout(r, 30)); }
+        window.scrollTo(0, 0);
+        await Promise.all([...document.images].map(img => img.complete ? null :
+            new Promise(r => { img.onload = img.onerror = r; setTimeout(r, 5000); })));
+    }""")
+
+
+def test_every_page_renders_without_errors(server, browser, smoke_book):
+    from lvae.book import toc_chapters
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    failures = []
+    for chapter in toc_chapters():
+        page, problems = _open(browser, f"{server}/{chapter}.html")
+        _load_all_images(page)
+        if chapter == "latent":
+            page.wait_for_selector(".widget-slider", timeout=20000)
+        broken = page.evaluate("""() => [...document.images]
+            .filter(img => !(img.complete && img.naturalWidth > 0)).map(img => img.src.slice(0, 120))""")
+        n_images = page.evaluate("() => document.images.length")
+        page.screenshot(path=str(SCREENSHOTS / f"{chapter}.png"), full_page=True)
+        problems = [p for p in problems if not any(s in p for s in IGNORED)]
+        if problems or broken:
+            failures.append(f"{chapter}: {problems} broken images: {broken}")
+        assert n_images > 0 or chapter == "reproduce", f"{chapter}: no figures at all"
+        page.close()
+    assert not failures, "\n".join(failures)
+
+
+def _visible_widget_images(page) -> list[str]:
+    return page.evaluate("""() => [...document.querySelectorAll('.jupyter-widgets img, .widget-image')]
+        .filter(img => img.offsetParent !== null && img.getBoundingClientRect().height > 0)
+        .map(img => img.src)""")
+
+
+def test_widget_slider_changes_the_visible_panel(server, browser):
+    page, problems = _open(browser, f"{server}/latent.html")
+    page.wait_for_selector(".widget-slider .noUi-handle", timeout=20000)
+    page.locator(".widget-slider").first.scroll_into_view_if_needed()
+    before = _visible_widget_images(page)
+    assert len(before) == 1, f"expected exactly one visible explorer panel, got {len(before)}"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.locator(".widget-slider").first.screenshot(path=str(SCREENSHOTS / "widget-slider-before.png"))
+
+    handle = page.locator(".widget-slider .noUi-handle").first
+    handle.focus()
+    page.keyboard.press("ArrowRight")
+    page.wait_for_timeout(300)
+    after = _visible_widget_images(page)
+    assert len(after) == 1 and after != before, "moving the unit slider did not change the panel"
+    readout = page.locator(".widget-readout").first.inner_text()
+    assert readout.strip() == "1", f"slider readout {readout!r}"
+
+    # the layer dropdown switches to another stack of panels
+    page.locator(".widget-dropdown select").first.select_option(index=1)
+    page.wait_for_timeout(300)
+    layer2 = _visible_widget_images(page)
+    assert len(layer2) == 1 and layer2 not in (before, after), "the layer dropdown did not change the panel"
+
+    # the model toggle switches models
+    page.locator(".widget-toggle-buttons button").nth(1).click()
+    page.wait_for_timeout(300)
+    other = _visible_widget_images(page)
+    assert len(other) == 1 and other not in (before, after, layer2), "the model toggle did not change the panel"
+    page.locator(".jupyter-widgets").first.screenshot(path=str(SCREENSHOTS / "widget-after.png"))
+    assert not [p for p in problems if not any(s in p for s in IGNORED)], problems
+    page.close()

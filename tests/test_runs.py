@@ -1,0 +1,210 @@
+"""The run registry in process: same seed => identical numbers, resume == uninterrupted, reuse,
+locking, status and results of failed / unfinished runs, NaN/inf handling."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+import lvae.train
+from lvae import cli
+from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from lvae.runs import (
+    CHECKPOINT,
+    Run,
+    RunFailedError,
+    RunIncompleteError,
+    RunLockedError,
+    get_or_train,
+    list_runs,
+    run_lock,
+)
+from lvae.train import NonFiniteLossError
+
+TIMING = {"epoch_seconds", "iw_seconds"}
+STEPS = 4  # per epoch: 128 images in batches of 32
+CONFIG = RunConfig("reg", ModelConfig(x_dim=64, latent_sizes=(4, 2), hidden_sizes=(16, 8)),
+                   TrainConfig(dataset="synthetic", subset=128, batch_size=32, warmup_epochs=2))
+ECONFIG = EvalConfig(every=2, iw_samples=8, iw_chunk=4, test_subset=64, train_subset=64)
+
+
+def train(root, epochs=4, config=CONFIG, ecfg=ECONFIG, **kw) -> Run:
+    return get_or_train(config, epochs, ecfg, root=root, progress=False, **kw)
+
+
+def state(run: Run) -> dict:
+    ckpt = torch.load(run.path / CHECKPOINT, weights_only=True)
+    rows = [{k: v for k, v in r.items() if k not in TIMING} for r in run.metrics()]
+    return {"ckpt": ckpt, "metrics": rows}
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and immune to oversubscribed (shared) cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, one_thread) -> dict:
+    return state(train(tmp_path_factory.mktemp("ref")))
+
+
+def test_same_seed_identical_numbers(reference, tmp_path):
+    run = train(tmp_path)
+    assert run.status == "complete" and run.epochs == 4
+    assert [r["epoch"] for r in run.metrics()] == [2, 4] and "test_LK" in run.metrics()[-1]
+    assert same(state(run), reference)  # weights, Adam state, every metric: bit-identical
+
+
+def test_different_seed_differs(reference, tmp_path):
+    other = dataclasses.replace(CONFIG, train=dataclasses.replace(CONFIG.train, seed=1))
+    assert other.key != CONFIG.key
+    got = state(train(tmp_path, config=other))
+    assert got["metrics"][-1]["test_L1"] != reference["metrics"][-1]["test_L1"]
+
+
+@pytest.mark.parametrize("chunks", [[1, 1, 1, 1], [3, 1], [1, 2, 1]])
+def test_resume_equals_uninterrupted(reference, tmp_path, chunks):
+    """Stopping after odd epochs (between evaluations) and resuming gives the same numbers."""
+    for n in chunks[:-1]:
+        run = train(tmp_path, stop_after=n)
+        assert run.status == "partial"
+        with pytest.raises(RunIncompleteError, match="resume it"):
+            run.result("test_L1")
+        assert run.result_text("test_L1") == "partial"
+    run = train(tmp_path, stop_after=chunks[-1])
+    assert run.status == "complete" and run.provenance["resumes"] == len(chunks) - 1
+    assert same(state(run), reference)
+
+
+def test_extending_a_finished_run_matches_training_it_at_once(tmp_path):
+    short = train(tmp_path / "a", epochs=2)
+    assert short.status == "complete"
+    longer = train(tmp_path / "a", epochs=4)
+    at_once = train(tmp_path / "b", epochs=4)
+    assert same(state(longer)["ckpt"], state(at_once)["ckpt"])
+
+
+def test_a_complete_run_is_reused_not_retrained(tmp_path):
+    run = train(tmp_path)
+    stamp = (run.path / CHECKPOINT).stat().st_mtime_ns
+    again = train(tmp_path)
+    assert again.path == run.path and (run.path / CHECKPOINT).stat().st_mtime_ns == stamp
+    assert train(tmp_path, epochs=3).epochs == 4  # asking for fewer epochs reuses it too
+    assert run.result("test_L1") == run.metrics()[-1]["test_L1"] and run.ok
+
+
+def test_a_second_trainer_is_refused_while_the_run_is_locked(tmp_path):
+    path = tmp_path / CONFIG.dir_name
+    with run_lock(path):
+        with pytest.raises(RunLockedError, match=rf"pid {os.getpid()}.*wait for it to finish"):
+            train(tmp_path)
+    assert not (path / "config.json").exists()  # the refused process wrote nothing
+    assert train(tmp_path).status == "complete"  # lock released: it trains
+
+
+def test_status_running_then_interrupted(tmp_path):
+    run = train(tmp_path, stop_after=1)
+    prov = run.provenance
+    prov["status"] = "running"  # what a process killed mid-epoch leaves
+    (run.path / "provenance.json").write_text(json.dumps(prov))
+    with run_lock(run.path):
+        assert run.status == "running"  # a live process holds the lock
+    assert run.status == "interrupted"
+    with pytest.raises(RunIncompleteError):
+        run.result("test_L1")
+    assert train(tmp_path).status == "complete"
+
+
+# -- numerical faults ----------------------------------------------------------------------------
+def inject(monkeypatch, at_call: int, kind: str) -> None:
+    """Make the at_call-th training bound non-finite (loss) or give it non-finite gradients."""
+    real = lvae.train.training_bound
+    calls = {"n": 0}
+
+    def faulty(model, x, *args, **kwargs):
+        b = real(model, x, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] != at_call:
+            return b
+        if kind == "nan_loss":
+            return b * float("nan")
+        if kind == "inf_loss":
+            return b - float("inf")
+        w = next(model.parameters())  # d/dw sqrt(w - w) = inf * 0 = nan, the value stays 0
+        return b + torch.sqrt(w - w).sum()
+
+    monkeypatch.setattr(lvae.train, "training_bound", faulty)
+
+
+@pytest.mark.parametrize("kind,at_call,message", [
+    ("nan_loss", STEPS + 3, r"non-finite loss \(nan\) at epoch 2, step 3"),
+    ("inf_loss", STEPS + 2, r"non-finite loss \(inf\) at epoch 2, step 2"),
+    ("nan_grad", STEPS + 2, r"non-finite loss \(nan\) at epoch 2, step 3"),  # surfaces at the next step
+    ("nan_grad", 2 * STEPS, r"non-finite gradients at epoch 2 \(step 4"),  # last step: parameters checked
+])
+def test_non_finite_training_stops_keeps_last_good_checkpoint_and_fails_the_run(
+        monkeypatch, tmp_path, capsys, kind, at_call, message):
+    ecfg = dataclasses.replace(ECONFIG, every=1)
+    good = train(tmp_path / "good", ecfg=ecfg, stop_after=1)  # the state after epoch 1
+    inject(monkeypatch, at_call, kind)
+    with pytest.raises(NonFiniteLossError, match=message) as err:
+        train(tmp_path / "bad", ecfg=ecfg)
+    assert "last good checkpoint is kept" in str(err.value) and "learning rate" in str(err.value)
+    run = Run(tmp_path / "bad" / CONFIG.dir_name)
+    assert run.status == "failed" and run.epochs == 1 and message.replace("\\", "")[:20] in run.error
+    assert same(state(run), state(good))  # checkpoint of epoch 1 kept, bit-identical; no row of epoch 2
+    # a failed run never yields a number
+    with pytest.raises(RunFailedError, match="failed: non-finite"):
+        run.result("test_L1")
+    assert run.result_text("test_L1") == "failed" and not run.ok
+    row = run.summary()
+    assert row["status"] == "failed" and row["test_L1"] is None and "non-finite" in row["error"]
+    assert cli.main(["runs", "--out", str(tmp_path / "bad")]) == 0
+    table = capsys.readouterr().out
+    assert "failed" in table and f"{run.last('test_L1'):.2f}" not in table
+    # once the cause is gone, the run resumes from its last good checkpoint and completes
+    monkeypatch.undo()
+    assert same(state(train(tmp_path / "bad", ecfg=ecfg)), state(train(tmp_path / "ok", ecfg=ecfg)))
+    assert Run(run.path).status == "complete" and Run(run.path).error is None
+
+
+# -- refusals before any work ----------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    ({"epochs": 0}, "epochs=0 must be a positive integer"),
+    ({"epochs": 2.5}, "epochs=2.5"),
+    ({"epochs": 2, "stop_after": 0}, "stop_after=0"),
+    ({"epochs": 2, "config": dataclasses.replace(CONFIG, train=dataclasses.replace(CONFIG.train, dataset="cifar"))},
+     "dataset='cifar' is not valid; choose one of"),
+    ({"epochs": 2, "config": dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, x_dim=784))},
+     "x_dim=64.*model expects x_dim=784.*fix ModelConfig"),
+])
+def test_bad_arguments_are_refused_before_the_run_directory_exists(tmp_path, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        train(tmp_path, **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_list_runs_skips_an_incompatible_directory_with_a_warning(tmp_path):
+    good = train(tmp_path, epochs=1)
+    bad = tmp_path / "old-run"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"format_version": 0, "run": {}}))
+    with pytest.warns(UserWarning, match="incompatible lvae"):
+        assert [r.name for r in list_runs(tmp_path)] == [good.name]

@@ -1,0 +1,122 @@
+"""The speed work changes no numbers: foreach Adam / clipping are bitwise identical to the plain
+loops, the evaluation fast paths agree with the generic code to floating-point rounding, and the
+opt-in bf16 mode stays within 0.2 nats of fp32. (No timings here: see benchmarks/.)"""
+import math
+
+import pytest
+import torch
+
+import lvae
+from lvae import data as datasets
+from lvae.bounds import _log_weights, iw_bound, training_bound
+from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
+from lvae.runs import get_or_train
+from lvae.train import clip_gradients, generator, make_optimizer
+
+
+def _small(inference="ladder", bn=True, **kw):
+    return ModelConfig(x_dim=30, latent_sizes=(8, 4, 2), hidden_sizes=(20, 12, 6), inference=inference,
+                       batch_norm=bn, **kw)
+
+
+def _steps(model, opt, clip, n=6, seed=0):
+    cfg = TrainConfig()
+    g = torch.Generator().manual_seed(seed)
+    gx = torch.Generator().manual_seed(seed + 1)
+    params = list(model.parameters())
+    for _ in range(n):
+        x = (torch.rand(16, 30, generator=gx) < 0.4).float()
+        loss = -training_bound(model, x, 0.7, 1, 1, True, g).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip(params, cfg)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def _plain_clip(params, cfg):
+    torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm, foreach=False)
+    torch.nn.utils.clip_grad_value_(params, cfg.clip_value, foreach=False)
+
+
+@pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
+def test_optimizer_and_clipping_bitwise_identical_to_plain_loops(inference):
+    cfg = TrainConfig()
+    torch.manual_seed(0)
+    a = lvae.build_model(_small(inference))
+    torch.manual_seed(0)
+    b = lvae.build_model(_small(inference))
+    plain = torch.optim.Adam(a.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, foreach=False)
+    pa = _steps(a, plain, _plain_clip)
+    pb = _steps(b, make_optimizer(b, cfg), clip_gradients)
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+
+
+def _generic_iw(model, x, k, chunk, g):
+    with torch.no_grad():
+        up = model.upward(x)
+        parts = [torch.logsumexp(_log_weights(model.forward_from(x, up, min(chunk, k - s), g)), 0)
+                 for s in range(0, k, chunk)]
+        return torch.logsumexp(torch.stack(parts), 0) - math.log(k)
+
+
+@pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
+@pytest.mark.parametrize("bn", [True, False])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_iw_fast_path_matches_generic_path(inference, bn, likelihood):
+    torch.manual_seed(0)
+    model = lvae.build_model(_small(inference, bn, likelihood=likelihood))
+    x = torch.rand(64, 30)
+    if likelihood == "bernoulli":
+        x = (x < 0.4).float()
+    model.train()
+    with torch.no_grad():  # non-trivial batch-norm population statistics
+        for _ in range(3):
+            model(x, 1, torch.Generator().manual_seed(5))
+    model.eval()
+    a = _generic_iw(model, x[:10], 37, 8, torch.Generator().manual_seed(1))
+    b = iw_bound(model, x[:10], 37, 8, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-4)
+    assert not b.is_inference()
+    c = iw_bound(model, x[:10], 37, 37, torch.Generator().manual_seed(1))  # chunking changes only rounding
+    assert torch.isfinite(c).all()
+
+
+def test_inference_mode_dense_matches_forward():
+    torch.manual_seed(0)
+    model = lvae.build_model(_small())
+    x = (torch.rand(40, 30) < 0.4).float()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    with torch.no_grad():
+        a = model.upward(x)
+    with torch.inference_mode():
+        b = model.upward(x)
+    for (ma, va), (mb, vb) in zip(a, b):
+        torch.testing.assert_close(mb, ma, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(vb, va, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_mode_within_02_nats_of_fp32(tmp_path):
+    """The opt-in bf16 autocast mode: same short run, test L1 within 0.2 nats of fp32."""
+    data = datasets.load_dataset("synthetic", subset=512, test_subset=200)
+    ecfg = EvalConfig(every=4, iw_samples=10, test_subset=200, train_subset=200)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        cfg = RunConfig(name=f"bf-{precision}", model=ModelConfig(x_dim=64, latent_sizes=(8, 4),
+                                                                  hidden_sizes=(64, 32)),
+                        train=TrainConfig(dataset="synthetic", subset=512, batch_size=64, warmup_epochs=2,
+                                          precision=precision))
+        run = get_or_train(cfg, 4, ecfg, root=tmp_path, device="cpu", progress=False, data=data)
+        out[precision] = run.last("test_L1")
+    assert abs(out["bf16"] - out["fp32"]) < 0.2, out
+
+
+def test_precision_field_keeps_existing_run_keys():
+    assert RunConfig("a").key == RunConfig("a", train=TrainConfig(precision="fp32")).key
+    assert RunConfig("a").key != RunConfig("a", train=TrainConfig(precision="bf16")).key
+    with pytest.raises(lvae.config.ConfigError):
+        TrainConfig(precision="fp16")
