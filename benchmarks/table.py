@@ -13,17 +13,20 @@ print("| benchmark | implementation | time | x reference | GFLOP/s | % of fp32 p
 print("|---|---|---:|---:|---:|---:|---|")
 for r in res["rows"]:
     ms = r["ms"]
-    t = f"{ms:.1f} ms" if ms < 10_000 else f"{ms / 1000:.1f} s"
+    t = f"{ms:.1f} ms" if ms < 1_000 else f"{ms / 1000:.1f} s"
     ratio = f"{r['ratio']:.2f}" if "ratio" in r else ""
     gf = f"{r['gflops']:.1f}" if "gflops" in r else ""
     pk = f"{100 * r['peak_frac']:.0f}%" if "peak_frac" in r else ""
     notes = []
     if "wall_ms" in r:
-        notes.append(f"wall {r['wall_ms'] / 1000:.1f} s" if r["wall_ms"] >= 10_000 else f"wall {r['wall_ms']:.1f} ms")
+        notes.append(f"wall {r['wall_ms'] / 1000:.1f} s" if r["wall_ms"] >= 1_000 else f"wall {r['wall_ms']:.1f} ms")
     if "extrapolated_full_test_min" in r:
         notes.append(f"full 10k test set: {r['extrapolated_full_test_min']:.1f} min (extrapolated)")
     if "test_L1" in r:
         notes.append(f"test L1 {r['test_L1']:.3f}")
+    if "diff_vs_fp32" in r:
+        notes.append(f"bf16 - fp32 = {r['diff_vs_fp32']:+.3f} nats (per seed: "
+                     f"{', '.join(f'{d:+.2f}' for d in r['per_seed_diff'])})")
     if "ok" in r and not r["ok"]:
         notes.append("FAILED")
     print(f"| {r['what']} | {r['impl']} | {t} | {ratio} | {gf} | {pk} | {'; '.join(notes)} |")

@@ -47,22 +47,30 @@ def active_units(kl_units: Sequence[Sequence[float]], threshold: float = ACTIVE_
 
 
 def final(run, key: str) -> Any:
-    """The last evaluation's value of ``key`` (None when never measured)."""
-    return run.last(key)
+    """The final value of ``key`` of a complete run; None when never measured or when the run
+    failed or is unfinished (a failed run is shown as failed, never as a number)."""
+    return run.result(key) if run is not None and run.ok else None
+
+
+def model_label(run, label: str) -> str:
+    """``label``, marked with the run's status unless it completed."""
+    return label if run is None or run.ok else f"{label} ({run.status})"
 
 
 def grid_table(runs: dict, metric: str) -> dict[str, dict[int, float | None]]:
     """{variant: {depth: final value of ``metric``}} from :func:`lvae.profiles.grid_runs`."""
     out: dict[str, dict[int, float | None]] = {}
     for (variant, depth, _seed), run in sorted(runs.items()):
-        out.setdefault(variant, {})[depth] = run.last(metric)
+        out.setdefault(variant, {})[depth] = final(run, metric)
     return out
 
 
 def best_run(runs: dict, metric: str, variants: Sequence[str]) -> tuple[tuple[str, int, int], Any]:
     """The (key, run) with the highest final ``metric`` among ``variants``."""
-    cands = [(k, r) for k, r in runs.items() if k[0] in variants and r.last(metric) is not None]
-    return max(cands, key=lambda kr: kr[1].last(metric))
+    cands = [(k, r) for k, r in runs.items() if k[0] in variants and final(r, metric) is not None]
+    if not cands:
+        return None, None
+    return max(cands, key=lambda kr: final(kr[1], metric))
 
 
 def _fmt_model(key: tuple[str, int, int]) -> str:
@@ -78,12 +86,12 @@ def headline_rows(runs: dict, max_depth: int) -> list[dict[str, Any]]:
 
     def row(key: str, ours_key: tuple | None, run, metric: str) -> dict[str, Any]:
         ref = paper.get(key)
-        value = None if run is None else run.last(metric)
-        se = None if run is None else run.last(metric + "_se")
-        k = None if run is None else run.last("iw_k")
+        value = final(run, metric)
+        se = final(run, metric + "_se")
+        k = final(run, "iw_k")
         what = "test L1" if metric == "test_L1" else f"test L{k}" if k else "test LK"
         return {"quantity": ref.what, "paper model": ref.model, "paper": ref.value, "source": ref.source,
-                "our model": "—" if ours_key is None else _fmt_model(ours_key), "ours": value,
+                "our model": "—" if ours_key is None else model_label(run, _fmt_model(ours_key)), "ours": value,
                 "± s.e.": se, "measured as": what, "gap": None if value is None else value - ref.value}
 
     lkey = ("lvae_bn_wu", max_depth, 0)
@@ -225,9 +233,9 @@ def grid_rows(runs: dict, variants: Sequence[str]) -> list[dict[str, Any]]:
     k = next((r.last("iw_k") for r in runs.values() if r.last("iw_k")), None)
     rows = []
     for (v, d, _s), run in sorted(runs.items(), key=lambda kv: (list(variants).index(kv[0][0]), kv[0][1])):
-        rows.append({"model": VARIANTS[v]["label"], "layers": d, "train L1": run.last("train_L1"),
-                     "test L1": run.last("test_L1"), f"test L{k}": run.last("test_LK"),
-                     "± s.e.": run.last("test_LK_se"), "active units": sum(run.last("active_units") or []),
+        rows.append({"model": model_label(run, VARIANTS[v]["label"]), "layers": d, "train L1": final(run, "train_L1"),
+                     "test L1": final(run, "test_L1"), f"test L{k}": final(run, "test_LK"),
+                     "± s.e.": final(run, "test_LK_se"), "active units": sum(final(run, "active_units") or []),
                      "epochs": run.epochs})
     return rows
 
@@ -236,7 +244,10 @@ def active_unit_rows(runs: dict, variants: Sequence[str], depth: int, seed: int 
     """Active units per layer (and in total) of each variant at ``depth``."""
     rows = []
     for v in variants:
-        kl = runs[(v, depth, seed)].last("kl_units")
+        kl = final(runs[(v, depth, seed)], "kl_units")
+        if kl is None:
+            rows.append({"model": model_label(runs[(v, depth, seed)], f"{VARIANTS[v]['label']} {depth}-layer")})
+            continue
         act = active_units(kl)
         rows.append({"model": f"{VARIANTS[v]['label']} {depth}-layer",
                      **{f"z{i + 1} ({len(k)})": a for i, (k, a) in enumerate(zip(kl, act))},
@@ -256,7 +267,7 @@ def table1_rows(lvae_run, finetune_run=None) -> list[dict[str, Any]]:
     for key in TABLE1_KEYS:
         ref = paper.get(key)
         r = ours.get(key)
-        value = None if r is None else r.last("test_LK")
+        value = final(r, "test_LK")
         if key not in ours:
             status = "other paper's model"
         elif r is None:
@@ -264,7 +275,7 @@ def table1_rows(lvae_run, finetune_run=None) -> list[dict[str, Any]]:
         else:
             status = f"{r.name}: L{r.last('iw_k')} on {r.last('n_iw')} test images"
         rows.append({"model": ref.model, "paper": ref.value, "ours": value,
-                     "± s.e.": None if r is None else r.last("test_LK_se"),
+                     "± s.e.": final(r, "test_LK_se"),
                      "gap": None if value is None else value - ref.value, "ours: run": status})
     return rows
 
@@ -305,8 +316,8 @@ def registry_rows(root=None) -> list[dict[str, Any]]:
     rows = []
     for r in list_runs(root):
         prov = r.provenance
-        rows.append({"run": r.name, "epochs": r.epochs, "status": r.status, "test L1": r.last("test_L1"),
-                     "test LK": r.last("test_LK"), "K": r.last("iw_k"),
+        rows.append({"run": r.name, "epochs": r.epochs, "status": r.status, "test L1": final(r, "test_L1"),
+                     "test LK": final(r, "test_LK"), "K": final(r, "iw_k"),
                      "wall [min]": (prov.get("wall_seconds") or 0) / 60, "device": prov.get("device"),
                      "commit": (prov.get("git_commit") or "—")[:8]})
     return rows

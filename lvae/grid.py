@@ -315,6 +315,9 @@ def train_grid(configs: Sequence[RunConfig], epochs: int, eval_config: EvalConfi
 
 def _prepare_member(cfg: RunConfig, ecfg: EvalConfig, path, dev, save_fp16: bool, data) -> _Member:
     tcfg, mcfg = cfg.train, cfg.model
+    for tmp in path.glob(".*.tmp-*"):  # left by a process killed mid-write; we hold the lock (as lvae.runs)
+        if tmp.name[1:].partition(".tmp-")[0] in getattr(registry, "_LOCKED_FILES", ()):
+            tmp.unlink(missing_ok=True)
     if data.x_dim != mcfg.x_dim or data.likelihood != mcfg.likelihood:
         raise registry.RunError(f"dataset {tcfg.dataset!r} has x_dim={data.x_dim}, likelihood={data.likelihood!r} "
                                 f"but {cfg.name} expects x_dim={mcfg.x_dim}, likelihood={mcfg.likelihood!r}")
@@ -326,7 +329,7 @@ def _prepare_member(cfg: RunConfig, ecfg: EvalConfig, path, dev, save_fp16: bool
     optimizer = make_optimizer(model, tcfg)
     start, pending = 0, []
     if (path / registry.CHECKPOINT).exists():
-        ckpt = registry._load(path / registry.CHECKPOINT)
+        ckpt = registry.load_checkpoint(path / registry.CHECKPOINT)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         start = int(ckpt["epoch"])
@@ -413,7 +416,7 @@ def _train_members(ms: list[_Member], start: int, epochs: int, ecfg: EvalConfig,
                     row["grid_size"] = len(ms)
                     registry.append_jsonl(m.path / "metrics.jsonl", row)
                 if is_ckpt:
-                    registry._save_checkpoint(m.path, m.model, trainer.model_optimizer(i, lr), done,
+                    registry.save_checkpoint(m.path, m.model, trainer.model_optimizer(i, lr), done,
                                               m.train_losses, m.save_fp16)
                 m.prov["wall_seconds"] += per_model_seconds
                 m.prov["epochs"] = done

@@ -103,18 +103,31 @@ def experiment(profile: Profile | str, variant: str, depth: int, seed: int | Non
 
 def get_run(profile: Profile | str, variant: str, depth: int, seed: int | None = None, *,
             progress: bool = True, root: str | os.PathLike | None = None, **train_overrides: Any):
-    """The finished run of one grid model under ``profile``, trained only if it is missing."""
-    from .runs import get_or_train
+    """The finished run of one grid model under ``profile``, trained only if it is missing.
+
+    A run that fails (NaN/inf) is returned with status ``failed`` rather than raising, so that a
+    chapter shows it as failed (see :func:`lvae.analysis.final`) instead of stopping the book.
+    """
+    from .runs import Run, get_or_train, results_dir
+    from .train import NonFiniteLossError
 
     p = load_profile(profile) if isinstance(profile, str) else profile
     cfg, ecfg = experiment(p, variant, depth, seed, **train_overrides)
     keep = variant in p.keep_weights and depth == p.max_depth
-    return get_or_train(cfg, p.epochs, ecfg, root=root, progress=progress, save_fp16=keep)
+    try:
+        return get_or_train(cfg, p.epochs, ecfg, root=root, progress=progress, save_fp16=keep)
+    except NonFiniteLossError:
+        return Run(results_dir(root) / cfg.dir_name)
 
 
 def grid_runs(profile: Profile | str, *, progress: bool = True, root: str | os.PathLike | None = None,
               seeds: tuple[int, ...] | None = None) -> dict[tuple[str, int, int], Any]:
     """Every run of the profile's grid, keyed by (variant, depth, seed)."""
     p = load_profile(profile) if isinstance(profile, str) else profile
+    seeds = seeds or p.seeds[:1]
+    if p.name == "paper":  # the paper's budget: train every missing model at once with the grid trainer
+        from .grid import train_profile
+
+        train_profile(p, seeds, root=root, progress=progress)
     return {(v, d, s): get_run(p, v, d, s, progress=progress, root=root)
-            for s in (seeds or p.seeds[:1]) for v in p.variants for d in p.depths}
+            for s in seeds for v in p.variants for d in p.depths}

@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -216,7 +217,10 @@ def append_jsonl(path: Path, row: dict) -> None:
 
 
 # -- provenance ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
 def git_commit() -> dict[str, Any]:
+    """The commit of the code this process runs (read once, when first asked: a long training
+    process keeps reporting the code it loaded, not later edits of the working tree)."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
@@ -382,9 +386,9 @@ class Run:
         model = build_model(self.config.model)
         ckpt, fp16 = self.path / CHECKPOINT, self.path / WEIGHTS_FP16
         if ckpt.exists():
-            state = _load(ckpt)["model"]
+            state = load_checkpoint(ckpt)["model"]
         elif fp16.exists():
-            state = {k: (v.float() if v.is_floating_point() else v) for k, v in _load(fp16)["model"].items()}
+            state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_checkpoint(fp16)["model"].items()}
         else:
             raise RunError(f"{self.path} has no weights ({CHECKPOINT} or {WEIGHTS_FP16}); retrain it with get_or_train")
         _load_state(model, state, ckpt if ckpt.exists() else fp16)
@@ -420,7 +424,7 @@ def _with_digest(payload: dict) -> dict:
     return {**payload, "digest": _digest(payload)}
 
 
-def _load(path: Path) -> dict:
+def load_checkpoint(path: Path) -> dict:
     """torch.load a checkpoint / weights file and verify its digest (files without one are trusted)."""
     fix = "delete it to retrain the run (or restore it from a copy)"
     try:
@@ -506,7 +510,7 @@ def run_lock(path: Path, retries: int = 5) -> Iterator[None]:
         os.close(fd)
 
 
-def _save_checkpoint(path: Path, model: HierarchicalVAE, optimizer, epoch: int, pending_losses: list[float],
+def save_checkpoint(path: Path, model: HierarchicalVAE, optimizer, epoch: int, pending_losses: list[float],
                      save_fp16: bool) -> None:
     atomic_torch_save(path / CHECKPOINT, _with_digest({
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
@@ -520,7 +524,7 @@ def _save_checkpoint(path: Path, model: HierarchicalVAE, optimizer, epoch: int, 
 def _init_from(spec: str, model: HierarchicalVAE, root: Path) -> None:
     name, _, epoch = spec.partition("@")
     parent = open_run(name, root)
-    ckpt = _load(parent.path / CHECKPOINT) if (parent.path / CHECKPOINT).exists() else None
+    ckpt = load_checkpoint(parent.path / CHECKPOINT) if (parent.path / CHECKPOINT).exists() else None
     if ckpt is None or (epoch and int(ckpt["epoch"]) != int(epoch)):
         have = None if ckpt is None else ckpt["epoch"]
         raise RunError(f"init_from={spec!r}: {parent.name} has a checkpoint at epoch {have}; train it to "
@@ -605,7 +609,7 @@ def _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, da
     start = 0
     pending: list[float] = []  # train losses since the last evaluation
     if (path / CHECKPOINT).exists():
-        ckpt = _load(path / CHECKPOINT)
+        ckpt = load_checkpoint(path / CHECKPOINT)
         _load_state(model, ckpt["model"], path / CHECKPOINT)
         _load_state(optimizer, ckpt["optimizer"], path / CHECKPOINT)
         start = int(ckpt["epoch"])
@@ -650,7 +654,7 @@ def _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, da
                 # the row is written before the checkpoint of its epoch: a kill in between replays the epoch
                 append_jsonl(path / "metrics.jsonl", row)
                 pending = []
-            _save_checkpoint(path, model, optimizer, done, pending, save_fp16)
+            save_checkpoint(path, model, optimizer, done, pending, save_fp16)
             prov["wall_seconds"] += time.perf_counter() - t0
             prov["epochs"] = done
             atomic_write_json(path / "provenance.json", prov)

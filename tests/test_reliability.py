@@ -187,7 +187,7 @@ def test_damaged_checkpoint_is_refused_with_the_fix(run_copy, kind):
 def test_random_bit_flips_in_a_checkpoint_are_detected_or_harmless(trained, tmp_path):
     """Every flip is either refused or leaves the loaded content exactly as saved (zip padding,
     timestamps): a damaged checkpoint is never silently loaded."""
-    original = runs._load(trained / CHECKPOINT)
+    original = runs.load_checkpoint(trained / CHECKPOINT)
     raw = (trained / CHECKPOINT).read_bytes()
     rng = random.Random(0)
     detected = harmless = 0
@@ -196,7 +196,7 @@ def test_random_bit_flips_in_a_checkpoint_are_detected_or_harmless(trained, tmp_
         victim.write_bytes(raw)
         _flip(victim, rng.randrange(len(raw)), rng.randrange(8))
         try:
-            loaded = runs._load(victim)
+            loaded = runs.load_checkpoint(victim)
         except RunError:
             detected += 1
             continue
