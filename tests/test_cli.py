@@ -21,12 +21,7 @@ TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "32", "--lat
         "--eval-train-subset", "32", "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_args(out: Path, *extra: str, epochs: str = "2") -> list[str]:

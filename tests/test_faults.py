@@ -51,6 +51,7 @@ if os.environ.get("TEST_KILL_IN"):  # kill inside a function of lvae.train (trul
     setattr(lvae.train, name, killer)
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.runs import get_or_train
+from helpers import same
 cfg = RunConfig.from_dict(__import__("json").loads(sys.argv[2]))
 ecfg = EvalConfig(**__import__("json").loads(sys.argv[3]))
 get_or_train(cfg, int(sys.argv[4]), ecfg, root=sys.argv[1], progress=False)
@@ -85,14 +86,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def snapshot(run_dir: Path) -> dict:
@@ -108,10 +101,10 @@ def assert_identical(got: dict, want: dict) -> None:
     for g, w in zip(got["metrics"], want["metrics"]):
         assert g == w, f"metrics of epoch {w['epoch']} differ"
     assert got["checkpoint"]["epoch"] == want["checkpoint"]["epoch"]
-    assert _same(got["checkpoint"]["model"], want["checkpoint"]["model"]), "model weights differ"
-    assert _same(got["checkpoint"]["optimizer"], want["checkpoint"]["optimizer"]), "Adam state differs"
-    assert _same(got["checkpoint"], want["checkpoint"])
-    assert _same(got["fp16"], want["fp16"]), "fp16 weights differ"
+    assert same(got["checkpoint"]["model"], want["checkpoint"]["model"]), "model weights differ"
+    assert same(got["checkpoint"]["optimizer"], want["checkpoint"]["optimizer"]), "Adam state differs"
+    assert same(got["checkpoint"], want["checkpoint"])
+    assert same(got["fp16"], want["fp16"]), "fp16 weights differ"
 
 
 def assert_clean_finish(run_dir: Path, epochs: int) -> None:

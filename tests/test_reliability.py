@@ -21,6 +21,7 @@ from lvae.bounds import iw_bound, kl_per_unit, training_bound
 from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.profiles import load_profile
 from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run, RunError, get_or_train, read_jsonl
+from helpers import same
 
 TIMING = {"epoch_seconds", "iw_seconds"}
 CONFIG = RunConfig("rel", ModelConfig(x_dim=64, latent_sizes=(4, 2), hidden_sizes=(16, 8)),
@@ -29,12 +30,7 @@ ECONFIG = EvalConfig(every=1, iw_samples=8, iw_chunk=4, test_subset=64, train_su
 FIX = r"delete|move it away|restore"  # every RunError about a damaged file says what to do
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(root, epochs=3, **kw) -> Run:
@@ -122,14 +118,6 @@ def _flip(path: Path, pos: int, bit: int = 0) -> None:
     path.write_bytes(bytes(raw))
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def _save_raw(path: Path, payload: dict) -> None:
@@ -200,7 +188,7 @@ def test_random_bit_flips_in_a_checkpoint_are_detected_or_harmless(trained, tmp_
         except RunError:
             detected += 1
             continue
-        assert _same(loaded, original), "a bit flip changed the checkpoint and was not detected"
+        assert same(loaded, original), "a bit flip changed the checkpoint and was not detected"
         harmless += 1
     assert detected + harmless == 60 and detected > 20
     print(f"checkpoint bit flips: {detected} detected, {harmless} harmless, 0 silent")

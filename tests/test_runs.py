@@ -23,6 +23,7 @@ from lvae.runs import (
     run_lock,
 )
 from lvae.train import NonFiniteLossError
+from helpers import same
 
 TIMING = {"epoch_seconds", "iw_seconds"}
 STEPS = 4  # per epoch: 128 images in batches of 32
@@ -41,23 +42,9 @@ def state(run: Run) -> dict:
     return {"ckpt": ckpt, "metrics": rows}
 
 
-def same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and immune to oversubscribed (shared) cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
