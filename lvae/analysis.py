@@ -225,7 +225,7 @@ def layer_split(run) -> LayerSplit:
 
 
 # -- table rows for the chapters -----------------------------------------------------------------
-HEADLINE_COLUMNS = ("quantity", "paper model", "paper", "our model", "ours", "± s.e.", "measured as", "gap")
+HEADLINE_COLUMNS = ("quantity", "paper model", "paper", "our model", "ours", "± s.e.", "gap", "measured as")
 
 
 def grid_rows(runs: dict, variants: Sequence[str]) -> list[dict[str, Any]]:
