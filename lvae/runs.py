@@ -677,10 +677,15 @@ def record_eval(run: Run, row: dict) -> None:
 
 def evaluate_run(run: Run, iw_samples: int = 5000, test_subset: int | None = None, iw_chunk: int = 500,
                  device: str | torch.device | None = None, save: bool = True) -> dict:
-    """Evaluate a stored run's final weights (L1s, per-unit KL, L_K) and record it in evals.jsonl."""
+    """Evaluate a stored run's final weights (L1s, per-unit KL, L_K) and record it in evals.jsonl.
+
+    L_K is computed on the same ``test_subset`` images as L1 (all 10,000 when None), whatever
+    subset the run's own training-time evaluations used.
+    """
     dev = torch.device(device) if device is not None else default_device()
     tcfg = run.config.train
-    ecfg = dataclasses.replace(run.eval_config, iw_samples=iw_samples, test_subset=test_subset, iw_chunk=iw_chunk)
+    ecfg = dataclasses.replace(run.eval_config, iw_samples=iw_samples, test_subset=test_subset, iw_subset=None,
+                               iw_chunk=iw_chunk)
     data = datasets.load_dataset(tcfg.dataset, subset=tcfg.subset, test_subset=test_subset, test_seed=tcfg.test_seed)
     model = run.load_model(dev)
     t0 = time.perf_counter()

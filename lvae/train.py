@@ -45,7 +45,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Adam:
     # fp32: foreach -- a few multi-tensor kernels instead of ~10 per parameter, bitwise identical to
     # the per-parameter loop. The fused kernel (one pass, ~3x faster on CPU) rounds differently, so
     # it is used only by the opt-in bf16 mode, whose numbers differ from fp32 anyway.
-    kind = {"fused": True} if getattr(cfg, "precision", "fp32") == "bf16" else {"foreach": True}
+    kind = {"fused": True} if cfg.precision == "bf16" else {"foreach": True}
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, **kind)
 
 
@@ -66,7 +66,7 @@ def clip_gradients(params: list[torch.Tensor], cfg: TrainConfig) -> None:
 
 def autocast(cfg: TrainConfig, device: torch.device | str):
     """The training step's precision context: bf16 autocast (``cfg.precision == "bf16"``) or none."""
-    if getattr(cfg, "precision", "fp32") == "bf16":
+    if cfg.precision == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

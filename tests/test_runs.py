@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+import lvae.data
 import lvae.train
 from lvae import cli
 from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
@@ -195,3 +196,13 @@ def test_list_runs_skips_an_incompatible_directory_with_a_warning(tmp_path):
     (bad / "config.json").write_text(json.dumps({"format_version": 0, "run": {}}))
     with pytest.warns(UserWarning, match="incompatible lvae"):
         assert [r.name for r in list_runs(tmp_path)] == [good.name]
+
+
+def test_evaluate_run_uses_every_requested_test_image_and_is_recorded(tmp_path):
+    from lvae.runs import evaluate_run
+
+    run = train(tmp_path, epochs=2, ecfg=dataclasses.replace(ECONFIG, iw_subset=16))
+    assert run.metrics()[-1]["n_iw"] == 16  # training-time L_K on the profile's subset
+    row = evaluate_run(run, iw_samples=8, test_subset=None, iw_chunk=4, device="cpu")
+    assert row["n_iw"] == row["n_test"] == len(lvae.data.load_dataset("synthetic").x_test)
+    assert run.evals()[-1]["test_LK"] == row["test_LK"]
