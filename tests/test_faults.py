@@ -24,6 +24,8 @@ import torch
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run, get_or_train
 
+from helpers import same
+
 REPO = Path(__file__).resolve().parent.parent
 TIMING = {"epoch_seconds", "iw_seconds"}  # wall-clock fields: the only ones allowed to differ
 
@@ -51,7 +53,6 @@ if os.environ.get("TEST_KILL_IN"):  # kill inside a function of lvae.train (trul
     setattr(lvae.train, name, killer)
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.runs import get_or_train
-from helpers import same
 cfg = RunConfig.from_dict(__import__("json").loads(sys.argv[2]))
 ecfg = EvalConfig(**__import__("json").loads(sys.argv[3]))
 get_or_train(cfg, int(sys.argv[4]), ecfg, root=sys.argv[1], progress=False)
