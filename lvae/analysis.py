@@ -110,10 +110,10 @@ def headline_rows(runs: dict, max_depth: int) -> list[dict[str, Any]]:
         if metric == "test_LK":
             lk = best_lk(run, n_common) or {}
             value, se = lk.get("value"), lk.get("se")
-            what = f"test L{lk['k']}, {lk['n']:,} images" if lk else "test LK"
+            what = f"L{lk['k']} on {lk['n']:,}" if lk else "—"
         else:
             value, se = final(run, metric), final(run, metric + "_se")
-            what = f"test L1, {final(run, 'n_test'):,} images" if value is not None else "test L1"
+            what = f"L1 on {final(run, 'n_test'):,}" if value is not None else "—"
         return {"quantity": ref.what, "paper model": ref.model, "paper": ref.value, "source": ref.source,
                 "our model": "—" if ours_key is None else model_label(run, _fmt_model(ours_key)), "ours": value,
                 "± s.e.": se, "measured as": what, "gap": None if value is None else value - ref.value}
