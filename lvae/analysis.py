@@ -17,6 +17,7 @@ from . import paper
 from .experiments import VARIANTS
 from .gaussian import precision_weighted
 from .models import HierarchicalVAE
+from .runs import RunFailedError, RunIncompleteError
 from .train import ACTIVE_UNIT_THRESHOLD
 
 __all__ = [
@@ -49,7 +50,12 @@ def active_units(kl_units: Sequence[Sequence[float]], threshold: float = ACTIVE_
 def final(run, key: str) -> Any:
     """The final value of ``key`` of a complete run; None when never measured or when the run
     failed or is unfinished (a failed run is shown as failed, never as a number)."""
-    return run.result(key) if run is not None and run.ok else None
+    if run is None:
+        return None
+    try:
+        return run.result(key)
+    except (RunFailedError, RunIncompleteError):
+        return None
 
 
 def best_lk(run, n: int | None = None) -> dict[str, Any] | None:
@@ -57,10 +63,13 @@ def best_lk(run, n: int | None = None) -> dict[str, Any] | None:
     the training-time evaluation (often on a test subset) or a later ``lvae eval`` of the same
     weights (evals.jsonl), whichever used more images -- or exactly ``n`` images when given, so
     that two models are compared on the same images. Keys: value, se, k, n, seconds, source."""
-    if run is None or not run.ok or final(run, "test_LK") is None:
+    if run is None or not run.ok:
         return None
-    cands = [{"value": final(run, "test_LK"), "se": final(run, "test_LK_se"), "k": final(run, "iw_k"),
-              "n": final(run, "n_iw"), "seconds": final(run, "iw_seconds"), "source": "training-time evaluation"}]
+    row = next((r for r in reversed(run.metrics()) if "test_LK" in r), None)  # the final L_K evaluation
+    if row is None:
+        return None
+    cands = [{"value": row["test_LK"], "se": row.get("test_LK_se"), "k": row.get("iw_k"), "n": row.get("n_iw"),
+              "seconds": row.get("iw_seconds"), "source": "training-time evaluation"}]
     for e in run.evals():
         if e.get("epoch") == run.epochs and e.get("test_LK") is not None and e.get("iw_k") == cands[0]["k"]:
             cands.append({"value": e["test_LK"], "se": e.get("test_LK_se"), "k": e["iw_k"], "n": e.get("n_iw"),

@@ -44,7 +44,7 @@ from . import data as datasets
 from . import runs as registry
 from .bounds import training_bound
 from .config import EvalConfig, RunConfig, TrainConfig
-from .models import HierarchicalVAE, build_model
+from .models import HierarchicalVAE
 from .train import (NonFiniteLossError, autocast, default_device, evaluate, generator, learning_rate,
                     make_optimizer)
 from .warmup import warmup_beta
@@ -313,39 +313,18 @@ def train_grid(configs: Sequence[RunConfig], epochs: int, eval_config: EvalConfi
     return [done[i] for i in range(len(configs))]
 
 
-def _prepare_member(cfg: RunConfig, ecfg: EvalConfig, path, dev, save_fp16: bool, data) -> _Member:
+def _prepare_member(cfg: RunConfig, ecfg: EvalConfig, path, base, dev, save_fp16: bool, data) -> _Member:
     tcfg, mcfg = cfg.train, cfg.model
-    for tmp in path.glob(".*.tmp-*"):  # left by a process killed mid-write; we hold the lock (as lvae.runs)
-        if tmp.name[1:].partition(".tmp-")[0] in getattr(registry, "_LOCKED_FILES", ()):
-            tmp.unlink(missing_ok=True)
     if data.x_dim != mcfg.x_dim or data.likelihood != mcfg.likelihood:
         raise registry.RunError(f"dataset {tcfg.dataset!r} has x_dim={data.x_dim}, likelihood={data.likelihood!r} "
                                 f"but {cfg.name} expects x_dim={mcfg.x_dim}, likelihood={mcfg.likelihood!r}")
-    registry.atomic_write_json(path / "config.json", {"format_version": registry.FORMAT_VERSION,
-                                                      "run": cfg.to_dict(), "eval": dataclasses.asdict(ecfg)})
-    prov = registry.Run(path).provenance
-    torch.manual_seed(tcfg.seed)  # parameter initialisation, as in lvae.runs
-    model = build_model(mcfg).to(dev)
-    optimizer = make_optimizer(model, tcfg)
-    start, pending = 0, []
-    if (path / registry.CHECKPOINT).exists():
-        ckpt = registry.load_checkpoint(path / registry.CHECKPOINT)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start = int(ckpt["epoch"])
-        pending = [float(v) for v in ckpt.get("train_losses", [])]
-        if start > 0:
-            prov["resumes"] = int(prov.get("resumes", 0)) + 1
-    elif prov.get("epochs", 0) > 0:
-        prov = {}
-    registry.write_jsonl(path / "metrics.jsonl",
-                         [r for r in registry.read_jsonl(path / "metrics.jsonl") if r.get("epoch", 0) <= start])
-    return _Member(cfg, path, model, optimizer, start, prov, save_fp16, pending)
+    st = registry.open_for_training(cfg, ecfg, path, base, dev)
+    return _Member(cfg, path, st.model, st.optimizer, st.start, st.prov, save_fp16, st.pending)
 
 
 def _train_group(configs, epochs, ecfg, fp16, base, dev, data, progress, stop_after, compile, checkpoint_every,
                  log) -> list[registry.Run]:
-    members = [_prepare_member(c, ecfg, base / c.dir_name, dev, f, data) for c, f in zip(configs, fp16)]
+    members = [_prepare_member(c, ecfg, base / c.dir_name, base, dev, f, data) for c, f in zip(configs, fp16)]
     by_start: dict[int, list[_Member]] = {}
     for m in members:
         by_start.setdefault(m.start, []).append(m)
@@ -358,14 +337,8 @@ def _train_members(ms: list[_Member], start: int, epochs: int, ecfg: EvalConfig,
                    compile, checkpoint_every, log) -> None:
     tcfg = ms[0].config.train
     for m in ms:
-        m.prov.update({"status": "running", "pid": os.getpid(), "seed": m.config.train.seed,
-                       "device": registry.device_description(dev), "torch": torch.__version__,
-                       "python": sys.version.split()[0], "lvae_format": registry.FORMAT_VERSION, "epochs": start,
-                       "target_epochs": epochs, "trainer": f"lvae.grid ({len(ms)} stacked)", **registry.git_commit()})
-        m.prov.pop("error", None)
-        m.prov.setdefault("started", registry._now())
-        m.prov.setdefault("wall_seconds", 0.0)
-        registry.atomic_write_json(m.path / "provenance.json", m.prov)
+        registry.mark_running(m.path, m.prov, m.config.train.seed, dev, start, epochs,
+                              trainer=f"lvae.grid ({len(ms)} stacked)")
     trainer = GridTrainer([m.model for m in ms], [m.config for m in ms], dev, [m.optimizer for m in ms], compile)
     end = epochs if stop_after is None else min(epochs, start + stop_after)
     seeds = [m.config.train.seed for m in ms]

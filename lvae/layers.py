@@ -38,7 +38,7 @@ def _no_autocast(t: torch.Tensor):
 
 
 def _full_precision_input(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype != torch.float32 and t.is_floating_point() and t.dtype != torch.float64 else t
+    return t.float() if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64) else t
 
 
 class Dense(nn.Module):
@@ -67,12 +67,7 @@ class Dense(nn.Module):
         if self.bn is not None:
             lead = a.shape[:-1]
             a = self.bn(a.reshape(-1, a.shape[-1])).reshape(*lead, a.shape[-1])
-        if self.activation == "leaky_relu":
-            return F.leaky_relu(a, self.leak)
-        if self.activation == "tanh":
-            return torch.tanh(a)
-        return a
-
+        return self._activate(a)
 
     def _forward_inference(self, h: torch.Tensor) -> torch.Tensor:
         """Evaluation fast path (under torch.inference_mode, BN in eval mode): batch norm with
@@ -92,13 +87,16 @@ class Dense(nn.Module):
             b = bn.bias - bn.running_mean * scale
         return w, b
 
+    def _activate(self, a: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        if self.activation == "leaky_relu":
+            return F.leaky_relu(a, self.leak, inplace=inplace)
+        if self.activation == "tanh":
+            return a.tanh_() if inplace else torch.tanh(a)
+        return a
+
     def activate_(self, a: torch.Tensor) -> torch.Tensor:
         """The nonlinearity, in place (inference only)."""
-        if self.activation == "leaky_relu":
-            return F.leaky_relu_(a, self.leak)
-        if self.activation == "tanh":
-            return a.tanh_()
-        return a
+        return self._activate(a, inplace=True)
 
 
 class MLP(nn.Sequential):

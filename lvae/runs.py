@@ -594,8 +594,25 @@ def get_or_train(config: RunConfig, epochs: int, eval_config: EvalConfig | None 
         return _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, data, stop_after)
 
 
-def _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, data, stop_after) -> Run:
-    tcfg, mcfg = config.train, config.model
+@dataclasses.dataclass
+class TrainingState:
+    """A run directory opened for training: its model and optimizer, restored from the checkpoint."""
+
+    model: HierarchicalVAE
+    optimizer: torch.optim.Optimizer
+    start: int  # epochs already trained
+    prov: dict[str, Any]  # provenance.json, to be updated and rewritten
+    pending: list[float]  # train losses since the last evaluation
+
+
+def open_for_training(config: RunConfig, ecfg: EvalConfig, path: Path, base: Path, dev: torch.device) -> TrainingState:
+    """Prepare a locked run directory for training (shared by this module and :mod:`lvae.grid`).
+
+    Removes temp files left by a killed writer, writes config.json, builds the model with the
+    run's seed, resumes model, optimizer and pending losses from the checkpoint (or initialises
+    from ``init_from``), and drops evaluations recorded after the checkpoint (they are replayed).
+    """
+    tcfg = config.train
     for tmp in path.glob(".*.tmp-*"):  # left by a process killed mid-write; we hold the lock
         if tmp.name[1:].partition(".tmp-")[0] in _LOCKED_FILES:
             tmp.unlink(missing_ok=True)
@@ -604,10 +621,10 @@ def _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, da
     prov = Run(path).provenance
 
     torch.manual_seed(tcfg.seed)  # parameter initialisation
-    model = build_model(mcfg).to(dev)
+    model = build_model(config.model).to(dev)
     optimizer = make_optimizer(model, tcfg)
     start = 0
-    pending: list[float] = []  # train losses since the last evaluation
+    pending: list[float] = []
     if (path / CHECKPOINT).exists():
         ckpt = load_checkpoint(path / CHECKPOINT)
         _load_state(model, ckpt["model"], path / CHECKPOINT)
@@ -618,20 +635,32 @@ def _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, da
             prov["resumes"] = int(prov.get("resumes", 0)) + 1
     elif prov.get("epochs", 0) > 0:
         warnings.warn(f"{path.name}: no {CHECKPOINT} to resume from (only the fp16 weights travel with the "
-                      f"repository); retraining from scratch", stacklevel=3)
+                      f"repository); retraining from scratch", stacklevel=4)
         prov = {}
     elif tcfg.init_from:
         _init_from(tcfg.init_from, model, base)
     # evaluations made after the checkpoint (by a process killed later) are replayed, not kept twice
     write_jsonl(path / "metrics.jsonl", [r for r in read_jsonl(path / "metrics.jsonl") if r.get("epoch", 0) <= start])
+    return TrainingState(model, optimizer, start, prov, pending)
 
-    prov.update({"status": "running", "pid": os.getpid(), "seed": tcfg.seed, "device": device_description(dev),
+
+def mark_running(path: Path, prov: dict[str, Any], seed: int, dev: torch.device, start: int, epochs: int,
+                 **extra: Any) -> None:
+    """Record in provenance.json that this process now trains the run (status, environment, commit)."""
+    prov.update({"status": "running", "pid": os.getpid(), "seed": seed, "device": device_description(dev),
                  "torch": torch.__version__, "python": sys.version.split()[0], "lvae_format": FORMAT_VERSION,
-                 "epochs": start, "target_epochs": epochs, **git_commit()})
+                 "epochs": start, "target_epochs": epochs, **extra, **git_commit()})
     prov.pop("error", None)
     prov.setdefault("started", _now())
     prov.setdefault("wall_seconds", 0.0)
     atomic_write_json(path / "provenance.json", prov)
+
+
+def _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, data, stop_after) -> Run:
+    tcfg = config.train
+    st = open_for_training(config, ecfg, path, base, dev)
+    model, optimizer, start, prov, pending = st.model, st.optimizer, st.start, st.prov, st.pending
+    mark_running(path, prov, tcfg.seed, dev, start, epochs)
 
     from tqdm.auto import tqdm
 
