@@ -35,9 +35,9 @@ import reference as ref  # noqa: E402
 
 import lvae  # noqa: E402
 from lvae import data as datasets  # noqa: E402
-from lvae.bounds import iw_bound, training_bound  # noqa: E402
+from lvae.bounds import iw_bound  # noqa: E402
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from lvae.train import autocast, clip_gradients, generator, make_optimizer, train_epoch  # noqa: E402
+from lvae.train import generator, make_optimizer, train_epoch, train_step  # noqa: E402
 
 OUT: dict = {}
 PRIMARY = 1  # which time the ratios use: 1 = CPU time (with --threads 1), 0 = wall time
@@ -100,28 +100,23 @@ def flops_of(fn) -> float:
     return fc.get_total_flops()
 
 
+# the library's step variants: the default fp32 step and the opt-in modes (lvae.config.TrainConfig)
+LIB_STEPS = {"library fp32": {}, "library fp32 compiled": {"compile": True},
+             "library bf16": {"precision": "bf16"}, "library bf16 compiled": {"precision": "bf16", "compile": True}}
+
+
 # -- one training step ---------------------------------------------------------------------------------
 def lib_model(inference: str):
     torch.manual_seed(0)
     return lvae.build_model(ModelConfig.paper(5, inference=inference))
 
 
-def make_lib_step(model, precision: str, x, beta=0.5):
-    cfg = TrainConfig(precision=precision)
+def make_lib_step(model, x, beta=0.5, **train):
+    """The library's training step (lvae.train.train_step, as in train_epoch's loop)."""
+    cfg = TrainConfig(**train)
     opt = make_optimizer(model, cfg)
-    params = list(model.parameters())
     g = generator("cpu", "noise", 0, 0)
-
-    def step():  # the body of lvae.train.train_epoch's loop
-        with autocast(cfg, "cpu"):
-            loss = -training_bound(model, x, beta, 1, 1, True, g).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(params, cfg)
-        opt.step()
-        return loss.detach()
-
-    return step
+    return lambda: train_step(model, opt, x, beta, cfg, g)
 
 
 def make_ref_step(model, x, beta=0.5):
@@ -141,13 +136,16 @@ def bench_step(reps: int, inner: int, peak_fp32: float) -> list[dict]:
         with torch.no_grad():
             a = ref.RefModel.elbo(rm, x, 0.5, torch.Generator().manual_seed(3)).mean()
             b = lvae.elbo(lm, x, 0.5, True, torch.Generator().manual_seed(3)).mean()
-        fns = {"reference": make_ref_step(rm, x), "library fp32": make_lib_step(lm, "fp32", x)}
-        lm16 = lib_model(inference)
-        fns["library bf16"] = make_lib_step(lm16, "bf16", x)
+        fns = {"reference": make_ref_step(rm, x)}
+        for name, train in LIB_STEPS.items():
+            fns[name] = make_lib_step(lib_model(inference), x, **train)
         flops = flops_of(lambda: fns["reference"]())
-        for f in fns.values():  # warm-up
+        for name, f in fns.items():  # warm-up (and compilation)
+            t = time.perf_counter()
             for _ in range(3):
                 f()
+            if "compiled" in name:
+                print(f"    [{label} {name}: first 3 steps incl. torch.compile {time.perf_counter() - t:.0f} s]")
         ts = {k: [] for k in fns}
         for _ in range(reps):
             for k, f in fns.items():

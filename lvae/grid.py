@@ -42,53 +42,14 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from . import data as datasets
 from . import runs as registry
-from .bounds import training_bound
 from .config import EvalConfig, RunConfig, TrainConfig
 from .models import HierarchicalVAE
-from .train import (NonFiniteLossError, autocast, default_device, evaluate, generator, learning_rate,
-                    make_optimizer)
+from .train import (NonFiniteLossError, Objective, autocast, default_device, evaluate, generator, learning_rate,
+                    make_optimizer, noise_shapes)
 from .warmup import warmup_beta
 
 # TrainConfig fields that may differ inside one stacked group (everything else must agree)
 _PER_MODEL_FIELDS = ("seed", "warmup_epochs")
-
-
-class NoiseReplay:
-    """Stands in for a ``torch.Generator`` in :func:`lvae.gaussian.sample_normal`: hands out
-    pre-drawn eps tensors in order (under vmap they are one model's slice of the stack)."""
-
-    def __init__(self, eps: Sequence[torch.Tensor]):
-        self._eps = list(eps)
-        self._i = 0
-
-    def draw(self, shape: torch.Size) -> torch.Tensor:
-        if self._i >= len(self._eps):
-            raise RuntimeError("NoiseReplay: the model drew more noise tensors than were prepared")
-        e = self._eps[self._i]
-        self._i += 1
-        if tuple(e.shape) != tuple(shape):
-            raise RuntimeError(f"NoiseReplay: draw {self._i} has shape {tuple(e.shape)}, the model asked {tuple(shape)}")
-        return e
-
-
-def noise_shapes(model_cfg, k: int, batch: int) -> list[tuple[int, int, int]]:
-    """Shapes of the eps tensors one training pass draws, in drawing order (see models.py)."""
-    lat = list(model_cfg.latent_sizes)
-    order = list(reversed(lat)) if model_cfg.inference == "ladder" else lat
-    return [(k, batch, d) for d in order]
-
-
-class _Objective(nn.Module):
-    """-(training bound).mean() of one model: the single-model trainer's loss, as a module so that
-    functional_call can swap in one model's slice of the stacked weights."""
-
-    def __init__(self, model: HierarchicalVAE, tcfg: TrainConfig):
-        super().__init__()
-        self.model = model
-        self.eq, self.iw, self.analytic = tcfg.eq_samples, tcfg.iw_samples, tcfg.analytic_kl
-
-    def forward(self, x: torch.Tensor, beta: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
-        return -training_bound(self.model, x, beta, self.eq, self.iw, self.analytic, NoiseReplay(eps)).mean()
 
 
 def group_key(cfg: RunConfig) -> str:
@@ -133,7 +94,7 @@ class GridTrainer:
         self.params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
         base = copy.deepcopy(self.models[0]).to("meta")
-        self.objective = _Objective(base, self.tcfg)
+        self.objective = Objective(base, self.tcfg)
         kind = {"fused": True} if self.tcfg.precision == "bf16" else {"foreach": True}  # as make_optimizer
         self.optimizer = torch.optim.Adam(list(self.params.values()), lr=self.tcfg.lr, betas=self.tcfg.adam_betas,
                                           eps=self.tcfg.adam_eps, **kind)

@@ -61,7 +61,8 @@ class Dense(nn.Module):
         return self.bn.bias if self.bn is not None else self.linear.bias
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if torch.is_inference_mode_enabled() and (self.bn is None or not self.bn.training):
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and (
+                self.bn is None or not self.bn.training):
             return self._forward_inference(h)
         a = self.linear(h)
         if self.bn is not None:

@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +25,7 @@ from . import data as datasets
 from .bounds import elbo, iw_bound, kl_per_unit, training_bound
 from .config import EvalConfig, TrainConfig
 from .models import HierarchicalVAE
+from .optim import FlatAdam
 from .warmup import warmup_beta
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # nats: a unit whose average KL exceeds this is "active"
@@ -41,12 +45,51 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Adam:
-    # fp32: foreach -- a few multi-tensor kernels instead of ~10 per parameter, bitwise identical to
-    # the per-parameter loop. The fused kernel (one pass, ~3x faster on CPU) rounds differently, so
-    # it is used only by the opt-in bf16 mode, whose numbers differ from fp32 anyway.
-    kind = {"fused": True} if cfg.precision == "bf16" else {"foreach": True}
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, **kind)
+class NoiseReplay:
+    """Stands in for a ``torch.Generator`` in :func:`lvae.gaussian.sample_normal`: hands out
+    pre-drawn eps tensors in order (under vmap they are one model's slice of the stack)."""
+
+    def __init__(self, eps: Sequence[torch.Tensor]):
+        self._eps = list(eps)
+        self._i = 0
+
+    def draw(self, shape: torch.Size) -> torch.Tensor:
+        if self._i >= len(self._eps):
+            raise RuntimeError("NoiseReplay: the model drew more noise tensors than were prepared")
+        e = self._eps[self._i]
+        self._i += 1
+        if tuple(e.shape) != tuple(shape):
+            raise RuntimeError(f"NoiseReplay: draw {self._i} has shape {tuple(e.shape)}, the model asked {tuple(shape)}")
+        return e
+
+
+def noise_shapes(model_cfg, k: int, batch: int) -> list[tuple[int, int, int]]:
+    """Shapes of the eps tensors one training pass draws, in drawing order (see models.py)."""
+    lat = list(model_cfg.latent_sizes)
+    order = list(reversed(lat)) if model_cfg.inference == "ladder" else lat
+    return [(k, batch, d) for d in order]
+
+
+class Objective(nn.Module):
+    """-(training bound).mean() of one model with pre-drawn noise ``eps`` (see :func:`noise_shapes`):
+    the loss of :func:`train_step` as a module, so that ``torch.compile`` sees no random-number
+    generator and ``functional_call`` (lvae.grid) can swap in one model's slice of stacked weights."""
+
+    def __init__(self, model: HierarchicalVAE, tcfg: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.eq, self.iw, self.analytic = tcfg.eq_samples, tcfg.iw_samples, tcfg.analytic_kl
+
+    def forward(self, x: torch.Tensor, beta: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
+        return -training_bound(self.model, x, beta, self.eq, self.iw, self.analytic, NoiseReplay(eps)).mean()
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> FlatAdam:
+    """Adam (PROTOCOL.md section 3) over one flat buffer (:mod:`lvae.optim`): by default bitwise the
+    numbers of ``torch.optim.Adam``; the opt-in bf16 and compile modes, whose rounding differs
+    anyway, use the fused kernel and a one-reduction gradient norm."""
+    fused = cfg.precision == "bf16" or cfg.compile
+    return FlatAdam(model.parameters(), cfg.lr, cfg.adam_betas, cfg.adam_eps, fused=fused)
 
 
 def learning_rate(epoch: int, cfg: TrainConfig) -> float:
@@ -56,8 +99,12 @@ def learning_rate(epoch: int, cfg: TrainConfig) -> float:
     return cfg.lr * cfg.lr_decay ** (epoch // cfg.lr_decay_every)
 
 
-def clip_gradients(params: list[torch.Tensor], cfg: TrainConfig) -> None:
-    """Rescale to total norm <= clip_norm, then clip elementwise to +-clip_value (no host sync)."""
+def clip_gradients(params: list[torch.Tensor] | FlatAdam, cfg: TrainConfig) -> None:
+    """Rescale to total norm <= clip_norm, then clip elementwise to +-clip_value (no host sync).
+    ``params``: a list of parameters, or a :class:`FlatAdam` (the same on its flat gradient)."""
+    if isinstance(params, FlatAdam):
+        params.clip_(cfg.clip_norm, cfg.clip_value)
+        return
     if cfg.clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm, foreach=True)
     if cfg.clip_value > 0:
@@ -69,6 +116,45 @@ def autocast(cfg: TrainConfig, device: torch.device | str):
     if cfg.precision == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+_COMPILED: OrderedDict[int, tuple[weakref.ref, Callable]] = OrderedDict()  # id(model) -> compiled Objective
+
+
+def compiled_objective(model: HierarchicalVAE, cfg: TrainConfig) -> Callable:
+    """``torch.compile(Objective(model, cfg))``, cached per model (the last two models)."""
+    hit = _COMPILED.get(id(model))
+    if hit is not None and hit[0]() is model:
+        _COMPILED.move_to_end(id(model))
+        return hit[1]
+    fn = torch.compile(Objective(model, cfg))
+    _COMPILED[id(model)] = (weakref.ref(model), fn)
+    while len(_COMPILED) > 2:
+        _COMPILED.popitem(last=False)
+    return fn
+
+
+def train_step(model: HierarchicalVAE, optimizer: torch.optim.Optimizer, x: torch.Tensor, beta: float,
+               cfg: TrainConfig, noise: torch.Generator | None) -> torch.Tensor:
+    """One minibatch step: -bound, backward, clipping, Adam. Returns the loss (no host sync).
+
+    ``cfg.compile``: the loss of full-size batches runs through :func:`compiled_objective` with the
+    noise drawn beforehand from ``noise`` (the same draws, in the same order, as the eager step);
+    a smaller last batch runs eagerly rather than compiling a second graph.
+    """
+    with autocast(cfg, x.device):
+        if cfg.compile and len(x) == cfg.batch_size:
+            eps = [torch.randn(s, dtype=x.dtype, device=x.device, generator=noise)
+                   for s in noise_shapes(model.config, cfg.eq_samples * cfg.iw_samples, len(x))]
+            loss = compiled_objective(model, cfg)(x, torch.tensor(float(beta), device=x.device), eps)
+        else:
+            loss = -training_bound(model, x, beta, cfg.eq_samples, cfg.iw_samples, cfg.analytic_kl, noise).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip_gradients(optimizer if isinstance(optimizer, FlatAdam) else
+                   [p for g in optimizer.param_groups for p in g["params"]], cfg)
+    optimizer.step()
+    return loss.detach()
 
 
 @dataclass
@@ -90,17 +176,9 @@ def train_epoch(model: HierarchicalVAE, optimizer: torch.optim.Optimizer, data: 
     for group in optimizer.param_groups:
         group["lr"] = lr
     noise = generator(device, "noise", cfg.seed, epoch)
-    params = [p for p in model.parameters()]
     losses = []
     for x in datasets.train_batches(data, epoch, cfg.seed, cfg.batch_size):
-        x = x.to(device, non_blocking=True)
-        with autocast(cfg, device):
-            loss = -training_bound(model, x, beta, cfg.eq_samples, cfg.iw_samples, cfg.analytic_kl, noise).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(params, cfg)
-        optimizer.step()
-        losses.append(loss.detach())
+        losses.append(train_step(model, optimizer, x.to(device, non_blocking=True), beta, cfg, noise))
         if progress is not None:
             progress.update(1)
     losses = torch.stack(losses)  # one host sync per epoch, not per step

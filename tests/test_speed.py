@@ -1,6 +1,7 @@
 """The speed work changes no numbers: foreach Adam / clipping are bitwise identical to the plain
 loops, the evaluation fast paths agree with the generic code to floating-point rounding, and the
 opt-in bf16 mode stays within 0.2 nats of fp32. (No timings here: see benchmarks/.)"""
+import io
 import math
 
 import pytest
@@ -11,7 +12,8 @@ from lvae import data as datasets
 from lvae.bounds import _log_weights, iw_bound, training_bound
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.runs import get_or_train
-from lvae.train import clip_gradients, generator, make_optimizer
+from lvae.optim import FlatAdam
+from lvae.train import generator, make_optimizer, train_step
 
 
 def _small(inference="ladder", bn=True, **kw):
@@ -39,18 +41,73 @@ def _plain_clip(params, cfg):
     torch.nn.utils.clip_grad_value_(params, cfg.clip_value, foreach=False)
 
 
+def _lib_steps(model, opt, n=6, seed=0, cfg=TrainConfig()):
+    """The library's own step (lvae.train.train_step) on the batches _steps uses."""
+    g = torch.Generator().manual_seed(seed)
+    gx = torch.Generator().manual_seed(seed + 1)
+    for _ in range(n):
+        x = (torch.rand(16, 30, generator=gx) < 0.4).float()
+        train_step(model, opt, x, 0.7, cfg, g)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _plain_adam(model, cfg=TrainConfig()):
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, foreach=False)
+
+
 @pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
 def test_optimizer_and_clipping_bitwise_identical_to_plain_loops(inference):
-    cfg = TrainConfig()
+    """FlatAdam + its flat clipping (the library's step) = per-parameter Adam + plain clipping, bit for bit."""
     torch.manual_seed(0)
     a = lvae.build_model(_small(inference))
     torch.manual_seed(0)
     b = lvae.build_model(_small(inference))
-    plain = torch.optim.Adam(a.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, foreach=False)
-    pa = _steps(a, plain, _plain_clip)
-    pb = _steps(b, make_optimizer(b, cfg), clip_gradients)
+    pa = _steps(a, _plain_adam(a), _plain_clip)
+    opt = make_optimizer(b, TrainConfig())
+    assert isinstance(opt, FlatAdam)
+    pb = _lib_steps(b, opt)
     for x, y in zip(pa, pb):
         assert torch.equal(x, y)
+    # the parameters, gradients and moments really are views of the flat buffers
+    assert all(p.grad is not None and p.grad.untyped_storage().data_ptr() == opt._flat_param.grad.untyped_storage().data_ptr()
+               for p in b.parameters())
+
+
+def _round_trip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_flat_adam_state_dict_interchangeable_with_torch_adam():
+    """Checkpoints keep torch.optim.Adam's per-parameter layout: a FlatAdam state resumes in a plain
+    Adam and a plain Adam state resumes in a FlatAdam, with bitwise the same continuation."""
+    cfg = TrainConfig()
+    torch.manual_seed(0)
+    a = lvae.build_model(_small())
+    opt_a = make_optimizer(a, cfg)
+    _lib_steps(a, opt_a, n=3)
+    sd = _round_trip(opt_a.state_dict())  # as through a checkpoint file
+    assert set(sd["state"]) == set(range(len(list(a.parameters()))))
+    # continue 3 steps: (1) the FlatAdam itself, (2) a plain Adam loaded from its state dict,
+    # (3) a FlatAdam loaded from the plain Adam's state dict
+    torch.manual_seed(1)
+    b = lvae.build_model(_small())
+    b.load_state_dict(a.state_dict())
+    plain = _plain_adam(b)
+    plain.load_state_dict(sd)
+    torch.manual_seed(2)
+    c = lvae.build_model(_small())
+    c.load_state_dict(a.state_dict())
+    opt_c = make_optimizer(c, cfg)
+    opt_c.load_state_dict(_round_trip(plain.state_dict()))
+    pa = _lib_steps(a, opt_a, n=3, seed=7)
+    pb = _steps(b, plain, _plain_clip, n=3, seed=7)
+    pc = _lib_steps(c, opt_c, n=3, seed=7)
+    for x, y, z in zip(pa, pb, pc):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    assert float(opt_c.state_dict()["state"][0]["step"]) == 6
 
 
 def _generic_iw(model, x, k, chunk, g):
@@ -120,3 +177,25 @@ def test_precision_field_keeps_existing_run_keys():
     assert RunConfig("a").key != RunConfig("a", train=TrainConfig(precision="bf16")).key
     with pytest.raises(lvae.config.ConfigError):
         TrainConfig(precision="fp16")
+
+
+def test_compiled_step_matches_eager_step():
+    """TrainConfig(compile=True): the same noise and the same objective, so a few steps from the same
+    start agree with the eager steps to floating-point rounding (fused kernels round differently).
+    The last, smaller batch of an epoch runs eagerly: one compiled graph per run."""
+    torch.manual_seed(0)
+    a = lvae.build_model(_small())
+    torch.manual_seed(0)
+    b = lvae.build_model(_small())
+    eager, comp = TrainConfig(batch_size=16), TrainConfig(batch_size=16, compile=True)
+    pa = _lib_steps(a, make_optimizer(a, eager), n=3, cfg=eager)
+    pb = _lib_steps(b, make_optimizer(b, comp), n=3, cfg=comp)
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    x = (torch.rand(16, 30, generator=torch.Generator().manual_seed(4)) < 0.4).float()
+    from lvae.train import compiled_objective, noise_shapes
+    eps = [torch.randn(s, generator=g1) for s in noise_shapes(b.config, 1, 16)]
+    la = -training_bound(b, x, 0.7, 1, 1, True, g2).mean()
+    lb = compiled_objective(b, comp)(x, torch.tensor(0.7), eps)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
