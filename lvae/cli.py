@@ -14,7 +14,7 @@ import sys
 import typing
 from typing import Any, Sequence
 
-from .config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from .config import ConfigError, EvalConfig, ModelConfig, TrainConfig
 from .experiments import DEPTHS, VARIANTS, run_config
 
 _SECTIONS = (("model", ModelConfig), ("train", TrainConfig), ("eval", EvalConfig))

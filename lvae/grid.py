@@ -37,15 +37,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from . import data as datasets
 from . import runs as registry
-from .config import EvalConfig, RunConfig, TrainConfig
+from .config import EvalConfig, RunConfig
 from .models import HierarchicalVAE
-from .train import (NonFiniteLossError, Objective, autocast, default_device, evaluate, generator, learning_rate,
-                    make_optimizer, noise_shapes)
+from .optim import FlatAdam
+from .train import (NonFiniteLossError, Objective, autocast, default_device, evaluate, fused_adam, generator,
+                    learning_rate, make_optimizer, noise_shapes)
 from .warmup import warmup_beta
 
 # TrainConfig fields that may differ inside one stacked group (everything else must agree)
@@ -95,9 +95,8 @@ class GridTrainer:
         self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
         base = copy.deepcopy(self.models[0]).to("meta")
         self.objective = Objective(base, self.tcfg)
-        kind = {"fused": True} if self.tcfg.precision == "bf16" else {"foreach": True}  # as make_optimizer
-        self.optimizer = torch.optim.Adam(list(self.params.values()), lr=self.tcfg.lr, betas=self.tcfg.adam_betas,
-                                          eps=self.tcfg.adam_eps, **kind)
+        self.optimizer = FlatAdam(list(self.params.values()), self.tcfg.lr, self.tcfg.adam_betas, self.tcfg.adam_eps,
+                                  fused=fused_adam(self.tcfg))
         if optimizers is not None:
             self._load_optimizer_states(optimizers)
 
@@ -125,6 +124,7 @@ class GridTrainer:
                 "exp_avg": torch.stack([s[j]["exp_avg"] for s in states]).to(self.device),
                 "exp_avg_sq": torch.stack([s[j]["exp_avg_sq"] for s in states]).to(self.device),
             }
+        self.optimizer.adopt_state()
 
     @torch.no_grad()
     def sync_to_models(self) -> None:
@@ -164,9 +164,7 @@ class GridTrainer:
             coef = torch.clamp(cfg.clip_norm / (total + 1e-6), max=1.0)
             for g in grads:
                 g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
-        if cfg.clip_value > 0:
-            torch._foreach_clamp_min_(grads, -cfg.clip_value)
-            torch._foreach_clamp_max_(grads, cfg.clip_value)
+        self.optimizer.clip_(0.0, cfg.clip_value)  # elementwise: on the flat gradient
 
     def step(self, x: torch.Tensor, beta: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
         """One Adam step of every model; ``x`` [M, B, D], ``beta`` [M], ``eps`` list of [M, k, B, d]."""

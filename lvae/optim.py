@@ -58,7 +58,7 @@ class FlatAdam(torch.optim.Adam):
         for p, g in zip(params, self._views(self._flat_param.grad)):
             p.grad = g
         self._inner = torch.optim.Adam([self._flat_param], lr=lr, betas=betas, eps=eps, **kind)
-        self._adopt_state()
+        self.adopt_state()
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         out, offset = [], 0
@@ -68,7 +68,7 @@ class FlatAdam(torch.optim.Adam):
         return out
 
     @torch.no_grad()
-    def _adopt_state(self) -> None:
+    def adopt_state(self) -> None:
         """Move the per-parameter state (empty, or just loaded) into the flat moment buffers and
         point every ``state[p]`` at views of them; the step counter is one shared tensor."""
         states = [self.state.get(p, {}) for p in self._params]
@@ -101,7 +101,7 @@ class FlatAdam(torch.optim.Adam):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        self._adopt_state()
+        self.adopt_state()
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 -- the views must stay
         self._flat_param.grad.zero_()

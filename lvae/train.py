@@ -88,8 +88,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> FlatAdam:
     """Adam (PROTOCOL.md section 3) over one flat buffer (:mod:`lvae.optim`): by default bitwise the
     numbers of ``torch.optim.Adam``; the opt-in bf16 and compile modes, whose rounding differs
     anyway, use the fused kernel and a one-reduction gradient norm."""
-    fused = cfg.precision == "bf16" or cfg.compile
-    return FlatAdam(model.parameters(), cfg.lr, cfg.adam_betas, cfg.adam_eps, fused=fused)
+    return FlatAdam(model.parameters(), cfg.lr, cfg.adam_betas, cfg.adam_eps, fused=fused_adam(cfg))
+
+
+def fused_adam(cfg: TrainConfig) -> bool:
+    """The opt-in modes whose rounding differs anyway take the fused Adam kernel."""
+    return cfg.precision == "bf16" or cfg.compile
 
 
 def learning_rate(epoch: int, cfg: TrainConfig) -> float:

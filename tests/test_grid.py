@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-import lvae
 from lvae import data as datasets
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.grid import group_configs, noise_shapes, train_grid

@@ -13,7 +13,7 @@ from lvae.bounds import _log_weights, iw_bound, training_bound
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.runs import get_or_train
 from lvae.optim import FlatAdam
-from lvae.train import generator, make_optimizer, train_step
+from lvae.train import make_optimizer, train_step
 
 
 def _small(inference="ladder", bn=True, **kw):
