@@ -139,12 +139,14 @@ def bench_step(reps: int, inner: int, peak_fp32: float) -> list[dict]:
         for name, train in LIB_STEPS.items():
             fns[name] = make_lib_step(lib_model(inference), x, **train)
         flops = flops_of(lambda: fns["reference"]())
+        warm = {}
         for name, f in fns.items():  # warm-up (and compilation)
             t = time.perf_counter()
             for _ in range(3):
                 f()
+            warm[name] = time.perf_counter() - t
             if "compiled" in name:
-                print(f"    [{label} {name}: first 3 steps incl. torch.compile {time.perf_counter() - t:.0f} s]")
+                print(f"    [{label} {name}: first 3 steps incl. torch.compile {warm[name]:.0f} s]")
         ts = {k: [] for k in fns}
         for _ in range(reps):
             for k, f in fns.items():
@@ -159,7 +161,8 @@ def bench_step(reps: int, inner: int, peak_fp32: float) -> list[dict]:
             w, c = summarize(v)
             m = (w, c)[PRIMARY]
             row = {"what": f"train step {label} (batch 256)", "impl": k, "ms": 1e3 * m, "wall_ms": 1e3 * w,
-                   "cpu_ms": 1e3 * c, "ratio": m / r0, "gflops": flops / m / 1e9, "peak_frac": flops / m / 1e9 / peak_fp32}
+                   "cpu_ms": 1e3 * c, "ratio": m / r0, "gflops": flops / m / 1e9, "peak_frac": flops / m / 1e9 / peak_fp32,
+                   **({"compile_s": warm[k]} if "compiled" in k else {})}
             rows.append(row)
             print(f"    {k:14s} {1e3 * m:7.1f} ms (wall {1e3 * w:6.1f})  x{m / r0:5.2f} of reference  "
                   f"{flops / m / 1e9:6.1f} GFLOP/s = {100 * flops / m / 1e9 / peak_fp32:4.0f}% of fp32 peak")

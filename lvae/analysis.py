@@ -7,7 +7,9 @@ latent traversals (the explorer widget).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -355,6 +357,55 @@ def registry_rows(root=None) -> list[dict[str, Any]]:
                      "wall [min]": (prov.get("wall_seconds") or 0) / 60, "device": prov.get("device"),
                      "commit": (prov.get("git_commit") or "—")[:8]})
     return rows
+
+
+def benchmark_results_path() -> Path | None:
+    """``benchmarks/results.json`` of the repository (a source checkout, or the clone whose
+    ``results/`` the registry reads, as in Colab); None when there is none."""
+    from .runs import results_dir
+
+    for root in (Path(__file__).resolve().parent.parent, results_dir().resolve().parent):
+        if (root / "benchmarks" / "results.json").exists():
+            return root / "benchmarks" / "results.json"
+    return None
+
+
+def benchmark_table(path=None) -> tuple[str, list[dict[str, Any]]]:
+    """(machine description, rows) of the speed benchmark results written by ``benchmarks/bench.py``."""
+    path = path or benchmark_results_path()
+    if path is None:
+        raise FileNotFoundError("no benchmarks/results.json: run `python benchmarks/bench.py` in the repository")
+    res = json.loads(Path(path).read_text())
+    m = res["machine"]
+    timing = "CPU time of one thread" if m["threads"] == 1 else f"wall time, {m['threads']} threads"
+    machine = (f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch thread(s) ({timing}), torch {m['torch']}, "
+               f"{m['date']}; load average {m['load_start'][0]:.1f} at the start, "
+               f"{m.get('load_end', [float('nan')])[0]:.1f} at the end. Matmul peak measured in the same run: "
+               f"fp32 {res['peak']['float32']:.0f} GFLOP/s, bf16 {res['peak']['bfloat16']:.0f} GFLOP/s.")
+    rows = []
+    for r in res["rows"]:
+        ms = r["ms"]
+        notes = []
+        if "wall_ms" in r and m["threads"] == 1:
+            notes.append(f"wall {r['wall_ms'] / 1000:.1f} s" if r["wall_ms"] >= 1_000 else f"wall {r['wall_ms']:.1f} ms")
+        if "compile_s" in r:
+            notes.append(f"first steps incl. compilation {r['compile_s']:.0f} s")
+        if "extrapolated_full_test_min" in r:
+            notes.append(f"full 10k test set: {r['extrapolated_full_test_min']:.1f} min (extrapolated)")
+        if "test_L1" in r:
+            notes.append(f"test L1 {r['test_L1']:.3f}")
+        if "diff_vs_fp32" in r:
+            notes.append(f"bf16 - fp32 = {r['diff_vs_fp32']:+.3f} nats (per seed: "
+                         f"{', '.join(f'{d:+.2f}' for d in r['per_seed_diff'])})")
+        if "ok" in r and not r["ok"]:
+            notes.append("FAILED")
+        rows.append({"benchmark": r["what"], "implementation": r["impl"],
+                     "time": f"{ms:.1f} ms" if ms < 1_000 else f"{ms / 1000:.1f} s",
+                     "x reference": f"{r['ratio']:.2f}" if "ratio" in r else "",
+                     "GFLOP/s": f"{r['gflops']:.1f}" if "gflops" in r else "",
+                     "% of fp32 peak": f"{100 * r['peak_frac']:.0f}%" if "peak_frac" in r else "",
+                     "notes": "; ".join(notes)})
+    return machine, rows
 
 
 def best_depths(runs: dict, metric: str = "test_L1") -> dict[str, int]:

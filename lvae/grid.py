@@ -21,7 +21,8 @@ can be resumed or extended by :func:`lvae.runs.get_or_train` and vice versa) and
 Evaluation (:func:`lvae.train.evaluate`) runs per model on its unstacked copy.
 
 Device-agnostic (CPU or CUDA). Only CPU was available when this was written; on a GPU,
-``compile=True`` wraps the vmapped objective in ``torch.compile`` (untested there).
+``compile=True`` (or ``TrainConfig(compile=True)``) wraps the vmapped objective in ``torch.compile``
+(untested there).
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ class GridTrainer:
             return functional_call(self.objective, (p, b), (x, beta, eps))
 
         self._loss = vmap(one, in_dims=(0, 0, 0, 0, 0), randomness="error")
-        if compile:
+        if compile or self.tcfg.compile:
             self._loss = torch.compile(self._loss)
 
     # -- per-model state <-> stacked state ---------------------------------------------------------

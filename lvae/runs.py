@@ -717,9 +717,11 @@ def evaluate_run(run: Run, iw_samples: int = 5000, test_subset: int | None = Non
                                iw_chunk=iw_chunk)
     data = datasets.load_dataset(tcfg.dataset, subset=tcfg.subset, test_subset=test_subset, test_seed=tcfg.test_seed)
     model = run.load_model(dev)
+    code = git_commit()  # the code loaded now, before the (long) evaluation
     t0 = time.perf_counter()
     row = {"epoch": run.epochs, **evaluate(model, data, tcfg, ecfg, run.epochs - 1, True, dev),
-           "device": device_description(dev), "seconds": time.perf_counter() - t0}
+           "device": device_description(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           **code, "seconds": time.perf_counter() - t0}
     if save:
         record_eval(run, row)
     return row

@@ -199,3 +199,24 @@ def test_compiled_step_matches_eager_step():
     la = -training_bound(b, x, 0.7, 1, 1, True, g2).mean()
     lb = compiled_objective(b, comp)(x, torch.tensor(0.7), eps)
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+
+
+def test_benchmark_table_reads_bench_results(tmp_path, monkeypatch):
+    """The reproduce chapter and benchmarks/table.py show bench.py's JSON; a missing file names the fix."""
+    import json
+
+    from lvae.analysis import benchmark_table
+    res = {"machine": {"cpu": "X", "cores": 2, "threads": 1, "torch": "2", "date": "d", "load_start": [0.1, 0, 0],
+                       "load_end": [0.2, 0, 0]},
+           "peak": {"float32": 100.0, "bfloat16": 200.0},
+           "rows": [{"what": "step", "impl": "reference", "ms": 50.0, "wall_ms": 60.0, "ratio": 1.0, "gflops": 40.0,
+                     "peak_frac": 0.4},
+                    {"what": "step", "impl": "library fp32 compiled", "ms": 2500.0, "ratio": 0.5, "compile_s": 44.0}]}
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    machine, rows = benchmark_table(tmp_path / "r.json")
+    assert "1 torch thread(s) (CPU time of one thread)" in machine and "fp32 100 GFLOP/s" in machine
+    assert rows[0]["time"] == "50.0 ms" and rows[0]["% of fp32 peak"] == "40%" and rows[0]["notes"] == "wall 60.0 ms"
+    assert rows[1]["time"] == "2.5 s" and rows[1]["x reference"] == "0.50" and "compilation 44 s" in rows[1]["notes"]
+    monkeypatch.setattr("lvae.analysis.benchmark_results_path", lambda: None)
+    with pytest.raises(FileNotFoundError, match="benchmarks/bench.py"):
+        benchmark_table()
