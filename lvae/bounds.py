@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .layers import BernoulliOutput
 from .models import HierarchicalVAE, Pass
@@ -74,7 +73,7 @@ def iw_bound(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk_size: int | 
 
 
 def _iw_log_weights(model: HierarchicalVAE, x: torch.Tensor, up, n: int,
-                    generator: torch.Generator | None, workspace: dict | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None, workspace: dict) -> torch.Tensor:
     """log p(x, z) - log q(z|x) ``[n, B]`` for n samples per input, without building a Pass.
 
     Same math as ``_log_weights(model.forward_from(x, up, n))``: the 0.5 log 2 pi terms of
@@ -94,24 +93,20 @@ def _iw_log_weights(model: HierarchicalVAE, x: torch.Tensor, up, n: int,
         term = diff.sum(-1)
         lw = term if lw is None else lw + term
     lw = 0.5 * lw  # = sum_i log p(z_i|.) - log q(z_i|.)
-    gen = model.generative
-    z1 = layers[0].z
-    out = gen.output
-    if workspace is None or not isinstance(out, BernoulliOutput) or any(d.bn is not None and d.bn.training
-                                                                        for d in gen.output_mlp):
-        h = gen.output_mlp(z1)
-        if isinstance(out, BernoulliOutput):
-            w, b = out.logits.weight, out.logits.bias
-            xl = (h * (x @ w)).sum(-1) + x @ b  # sum_j x_j l_j without touching the logits
-            return lw + xl - F.softplus(F.linear(h, w, b)).sum(-1)
-        return lw + out.log_prob(x, out.params(h))
     # The [n*B, 512] activations and [n*B, 784] logits go into buffers reused over the chunks:
     # fresh tensors this large are mmap-ed and page-faulted on every chunk (~20% of the time).
+    gen, out = model.generative, model.generative.output
+    z1 = layers[0].z
     h = z1.reshape(-1, z1.shape[-1])
     for j, dense in enumerate(gen.output_mlp):
+        if not dense.fast_path():  # batch norm in training mode: the ordinary layer
+            h = dense(h)
+            continue
         w, b = dense.folded()
         buf = _buffer(workspace, ("mlp", j), h.shape[0], w.shape[0], h)
         h = dense.activate_(torch.addmm(b, h, w.t(), out=buf) if b is not None else torch.mm(h, w.t(), out=buf))
+    if not isinstance(out, BernoulliOutput):
+        return lw + out.log_prob(x, out.params(h.view(n, -1, h.shape[-1])))
     w, b = out.logits.weight, out.logits.bias
     logits = torch.addmm(b, h, w.t(), out=_buffer(workspace, "logits", h.shape[0], w.shape[0], h))
     sp = torch._C._nn.softplus(logits, 1, 20, out=logits).sum(-1).view(n, -1)  # in place

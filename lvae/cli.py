@@ -182,7 +182,7 @@ def _train(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _eval(ns: argparse.Namespace) -> int:
     from .runs import evaluate_run, open_run
 
-    row = evaluate_run(open_run(ns.run, ns.out), ns.iw, ns.test_subset, ns.chunk, ns.device)
+    row = evaluate_run(open_run(ns.run, ns.out), ns.iw, ns.test_subset, ns.chunk, ns.device, progress=True)
     print(json.dumps({k: v for k, v in row.items() if k != "kl_units"}, indent=2))
     return 0
 

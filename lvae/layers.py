@@ -60,9 +60,13 @@ class Dense(nn.Module):
         """The additive shift of this layer (BN's beta when batch-normalised)."""
         return self.bn.bias if self.bn is not None else self.linear.bias
 
+    def fast_path(self) -> bool:
+        """Under torch.inference_mode with batch norm (if any) in eval mode, outside torch.compile."""
+        return (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+                and (self.bn is None or not self.bn.training))
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and (
-                self.bn is None or not self.bn.training):
+        if self.fast_path():
             return self._forward_inference(h)
         a = self.linear(h)
         if self.bn is not None:

@@ -705,7 +705,7 @@ def record_eval(run: Run, row: dict) -> None:
 
 
 def evaluate_run(run: Run, iw_samples: int = 5000, test_subset: int | None = None, iw_chunk: int = 500,
-                 device: str | torch.device | None = None, save: bool = True) -> dict:
+                 device: str | torch.device | None = None, save: bool = True, progress: bool = False) -> dict:
     """Evaluate a stored run's final weights (L1s, per-unit KL, L_K) and record it in evals.jsonl.
 
     L_K is computed on the same ``test_subset`` images as L1 (all 10,000 when None), whatever
@@ -719,7 +719,7 @@ def evaluate_run(run: Run, iw_samples: int = 5000, test_subset: int | None = Non
     model = run.load_model(dev)
     code = git_commit()  # the code loaded now, before the (long) evaluation
     t0 = time.perf_counter()
-    row = {"epoch": run.epochs, **evaluate(model, data, tcfg, ecfg, run.epochs - 1, True, dev),
+    row = {"epoch": run.epochs, **evaluate(model, data, tcfg, ecfg, run.epochs - 1, True, dev, progress=progress),
            "device": device_description(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
            **code, "seconds": time.perf_counter() - t0}
     if save:

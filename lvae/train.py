@@ -222,8 +222,9 @@ def _batched_mean_se(values: torch.Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def evaluate(model: HierarchicalVAE, data: datasets.ImageData, cfg: TrainConfig, ecfg: EvalConfig,
-             epoch: int, with_iw: bool, device: torch.device, batch_size: int = 1000) -> dict:
-    """Train L1, test L1, per-unit KL on the test set, and (``with_iw``) test L_K with its SE."""
+             epoch: int, with_iw: bool, device: torch.device, batch_size: int = 1000, progress: bool = False) -> dict:
+    """Train L1, test L1, per-unit KL on the test set, and (``with_iw``) test L_K with its SE
+    (``progress``: a progress bar over the L_K batches, for long stand-alone evaluations)."""
     x_test = data.x_test[: ecfg.test_subset].to(device) if ecfg.test_subset else data.x_test.to(device)
     x_train = datasets.fixed_binarized_train(data, ecfg.train_subset, cfg.seed).to(device)
     g = generator(device, "eval", cfg.seed, epoch)
@@ -248,8 +249,11 @@ def evaluate(model: HierarchicalVAE, data: datasets.ImageData, cfg: TrainConfig,
         t0 = time.perf_counter()
         iw_batch = max(1, min(100, 25_000 // max(1, min(ecfg.iw_chunk, ecfg.iw_samples))))
         x_iw = x_test[: ecfg.iw_subset] if ecfg.iw_subset else x_test
-        vals = torch.cat([iw_bound(model, x_iw[s:s + iw_batch], ecfg.iw_samples, ecfg.iw_chunk, g)
-                          for s in range(0, len(x_iw), iw_batch)])
+        from tqdm.auto import tqdm
+
+        starts = tqdm(range(0, len(x_iw), iw_batch), desc=f"L_{ecfg.iw_samples}", unit="batch",
+                      disable=not progress, leave=False)
+        vals = torch.cat([iw_bound(model, x_iw[s:s + iw_batch], ecfg.iw_samples, ecfg.iw_chunk, g) for s in starts])
         out["test_LK"], out["test_LK_se"] = _batched_mean_se(vals)
         out["iw_k"] = ecfg.iw_samples
         out["n_iw"] = len(x_iw)
