@@ -111,6 +111,9 @@ def test_figures_and_glued_numbers_are_present(smoke_book):
     glued = re.findall(r'<span class="pasted-text">([^<]*)</span>', intro)
     assert any("smoke" in g and "epochs" in g for g in glued), "the budget sentence is not glued into the prose"
     assert sum(bool(re.fullmatch(r"-?\d+\.\d\d", g)) for g in glued) >= 4, f"too few glued numbers: {glued}"
+    # the speed table of the reproduce chapter comes from benchmarks/results.json
+    reproduce = (html / "reproduce.html").read_text()
+    assert "benchmarks/results.json (benchmarks/bench.py)" in reproduce and "library fp32 compiled" in reproduce
 
 
 def test_widget_state_is_embedded_and_js_served_locally(smoke_book):
