@@ -34,7 +34,7 @@ import reference as ref  # noqa: E402
 
 import lvae  # noqa: E402
 from lvae import data as datasets  # noqa: E402
-from lvae.bounds import iw_bound  # noqa: E402
+from lvae.bounds import iw_bound, iw_bound_batched  # noqa: E402
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from lvae.train import generator, make_optimizer, train_epoch, train_step  # noqa: E402
 
@@ -219,9 +219,9 @@ def bench_iw(n_ratio: int, n_abs: int, k: int, peak_fp32: float) -> list[dict]:
     rm.load_state_dict(lm.state_dict())
     rm.eval()
 
-    def lib(n):
+    def lib(n):  # as lvae.train.evaluate: one worker thread per torch thread
         g = generator("cpu", "eval", 0, 0)
-        return torch.cat([iw_bound(lm, xt[s:s + batch], k, chunk, g) for s in range(0, n, batch)])
+        return iw_bound_batched(lm, xt[:n], k, chunk, batch, g, workers=torch.get_num_threads())
 
     def refi(n):
         g = torch.Generator().manual_seed(0)

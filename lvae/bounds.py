@@ -13,7 +13,8 @@ import math
 import torch
 
 from .layers import BernoulliOutput
-from .models import HierarchicalVAE, Pass
+from .gaussian import NoiseReplay
+from .models import HierarchicalVAE, Pass, noise_shapes
 
 
 def _log_mean_exp(a: torch.Tensor, dim: int) -> torch.Tensor:
@@ -70,6 +71,72 @@ def iw_bound(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk_size: int | 
             total = part if total is None else torch.logaddexp(total, part)  # running log-sum-exp
         total = total - math.log(k)
     return total.clone()  # a normal tensor again (usable outside inference mode)
+
+
+IW_ROWS = 2_500  # samples x images per chunk of work: the [rows, 784] logits stay in the cache
+
+
+def iw_bound_batched(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk_size: int | None, batch_size: int,
+                     generator: torch.Generator | None = None, workers: int = 1, progress: bool = False,
+                     rows: int = IW_ROWS) -> torch.Tensor:
+    """:func:`iw_bound` of every row of ``x``, ``[N]``, with the noise of ``batch_size`` rows at a time.
+
+    The noise is drawn exactly as ``torch.cat([iw_bound(model, x[s:s + batch_size], k, chunk_size,
+    generator) for s in ...])`` draws it (batch by batch, chunk by chunk, one generator), so each
+    image gets the same samples; the work is then done in sub-batches of ``rows // chunk_size``
+    images (a working set that stays in the cache: ~10% faster than 25,000-row chunks here) and,
+    with ``workers > 1`` on the CPU, by that many threads running their kernels on one core each
+    (~8% faster on this 2-core CPU than two intra-op threads: the samples' small elementwise
+    kernels scale poorly). Results agree with the plain loop to floating-point rounding and do
+    not depend on ``workers`` (``tests/test_speed.py``).
+    """
+    chunk = k if chunk_size is None else max(1, min(chunk_size, k))
+    sub = max(1, min(batch_size, rows // chunk))
+    workers = max(1, workers) if x.device.type == "cpu" else 1
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(x), desc=f"L_{k}", unit="image", leave=False)
+
+    def batch_noise(n_rows: int) -> list[list[torch.Tensor]]:  # per chunk: eps [n, n_rows, d] in drawing order
+        return [[torch.randn(shape, dtype=x.dtype, device=x.device, generator=generator)
+                 for shape in noise_shapes(model.config, min(chunk, k - start), n_rows)]
+                for start in range(0, k, chunk)]
+
+    def one(xs: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
+        res = iw_bound(model, xs, k, chunk, NoiseReplay(eps))
+        if bar is not None:
+            bar.update(len(xs))
+        return res
+
+    def tasks():  # (images, their noise), batch after batch; the noise of a batch is drawn when reached
+        for s in range(0, len(x), batch_size):
+            xb = x[s:s + batch_size]
+            noise = batch_noise(len(xb))
+            for j in range(0, len(xb), sub):
+                yield xb[j:j + sub], [e[:, j:j + sub] for per_chunk in noise for e in per_chunk]
+
+    if workers == 1:
+        out = [one(xs, eps) for xs, eps in tasks()]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                futures = []
+                for xs, eps in tasks():  # at most 4 x workers sub-batches (and their noise) in flight
+                    if len(futures) >= 4 * workers:
+                        futures[len(futures) - 4 * workers].result()
+                    futures.append(pool.submit(one, xs, eps))
+                out = [f.result() for f in futures]
+        finally:
+            torch.set_num_threads(threads)
+    if bar is not None:
+        bar.close()
+    return torch.cat(out)
 
 
 def _iw_log_weights(model: HierarchicalVAE, x: torch.Tensor, up, n: int,

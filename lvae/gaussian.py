@@ -6,6 +6,7 @@ Variances (``var``) are used throughout, as in the paper's notation (mu, sigma^2
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,24 @@ def precision_weighted(
     var_q = 1.0 / (prec_hat + prec_p)
     mu_q = (mu_hat * prec_hat + mu_p * prec_p) * var_q
     return mu_q, var_q
+
+
+class NoiseReplay:
+    """Stands in for a ``torch.Generator`` in :func:`sample_normal`: hands out
+    pre-drawn eps tensors in order (under vmap they are one model's slice of the stack)."""
+
+    def __init__(self, eps: Sequence[torch.Tensor]):
+        self._eps = list(eps)
+        self._i = 0
+
+    def draw(self, shape: torch.Size) -> torch.Tensor:
+        if self._i >= len(self._eps):
+            raise RuntimeError("NoiseReplay: the model drew more noise tensors than were prepared")
+        e = self._eps[self._i]
+        self._i += 1
+        if tuple(e.shape) != tuple(shape):
+            raise RuntimeError(f"NoiseReplay: draw {self._i} has shape {tuple(e.shape)}, the model asked {tuple(shape)}")
+        return e
 
 
 def sample_normal(mu: torch.Tensor, var: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -271,6 +271,14 @@ class HierarchicalVAE(nn.Module):
         return self.generative.sample(n, generator)
 
 
+def noise_shapes(model_cfg: ModelConfig, k: int, batch: int) -> list[tuple[int, int, int]]:
+    """Shapes of the eps tensors one pass with ``k`` samples per example draws, in drawing order
+    (the LVAE samples top-down, the VAE bottom-up); for replaying them with ``NoiseReplay``."""
+    lat = list(model_cfg.latent_sizes)
+    order = list(reversed(lat)) if model_cfg.inference == "ladder" else lat
+    return [(k, batch, d) for d in order]
+
+
 def build_model(config: ModelConfig) -> HierarchicalVAE:
     """The VAE (``inference="bottom_up"``) or LVAE (``"ladder"``) described by ``config``."""
     if not isinstance(config, ModelConfig):

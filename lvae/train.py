@@ -16,15 +16,16 @@ import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 
 from . import data as datasets
-from .bounds import elbo, iw_bound, kl_per_unit, training_bound
+from .bounds import elbo, iw_bound_batched, kl_per_unit, training_bound
 from .config import EvalConfig, TrainConfig
-from .models import HierarchicalVAE
+from .gaussian import NoiseReplay
+from .models import HierarchicalVAE, noise_shapes
 from .optim import FlatAdam
 from .warmup import warmup_beta
 
@@ -43,31 +44,6 @@ def generator(device: torch.device | str, *parts: object) -> torch.Generator:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class NoiseReplay:
-    """Stands in for a ``torch.Generator`` in :func:`lvae.gaussian.sample_normal`: hands out
-    pre-drawn eps tensors in order (under vmap they are one model's slice of the stack)."""
-
-    def __init__(self, eps: Sequence[torch.Tensor]):
-        self._eps = list(eps)
-        self._i = 0
-
-    def draw(self, shape: torch.Size) -> torch.Tensor:
-        if self._i >= len(self._eps):
-            raise RuntimeError("NoiseReplay: the model drew more noise tensors than were prepared")
-        e = self._eps[self._i]
-        self._i += 1
-        if tuple(e.shape) != tuple(shape):
-            raise RuntimeError(f"NoiseReplay: draw {self._i} has shape {tuple(e.shape)}, the model asked {tuple(shape)}")
-        return e
-
-
-def noise_shapes(model_cfg, k: int, batch: int) -> list[tuple[int, int, int]]:
-    """Shapes of the eps tensors one training pass draws, in drawing order (see models.py)."""
-    lat = list(model_cfg.latent_sizes)
-    order = list(reversed(lat)) if model_cfg.inference == "ladder" else lat
-    return [(k, batch, d) for d in order]
 
 
 class Objective(nn.Module):
@@ -249,11 +225,9 @@ def evaluate(model: HierarchicalVAE, data: datasets.ImageData, cfg: TrainConfig,
         t0 = time.perf_counter()
         iw_batch = max(1, min(100, 25_000 // max(1, min(ecfg.iw_chunk, ecfg.iw_samples))))
         x_iw = x_test[: ecfg.iw_subset] if ecfg.iw_subset else x_test
-        from tqdm.auto import tqdm
-
-        starts = tqdm(range(0, len(x_iw), iw_batch), desc=f"L_{ecfg.iw_samples}", unit="batch",
-                      disable=not progress, leave=False)
-        vals = torch.cat([iw_bound(model, x_iw[s:s + iw_batch], ecfg.iw_samples, ecfg.iw_chunk, g) for s in starts])
+        vals = iw_bound_batched(model, x_iw, ecfg.iw_samples, ecfg.iw_chunk, iw_batch, g,
+                                workers=torch.get_num_threads() if x_iw.device.type == "cpu" else 1,
+                                progress=progress)
         out["test_LK"], out["test_LK_se"] = _batched_mean_se(vals)
         out["iw_k"] = ecfg.iw_samples
         out["n_iw"] = len(x_iw)

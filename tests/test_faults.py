@@ -132,7 +132,7 @@ def reference(tmp_path_factory) -> dict:
 KILL_POINTS = {
     "in:clip_gradients:13": (1, None),  # mid-step: step 13's gradients computed, the optimizer not stepped
     "in:kl_per_unit:1": (1, None),  # mid-evaluation of epoch 2 (BN statistics recomputed, L1 done)
-    "in:iw_bound:1": (3, None),  # mid-evaluation of epoch 4, inside the importance-weighted bound
+    "in:iw_bound_batched:1": (3, None),  # mid-evaluation of epoch 4, at the importance-weighted bound
     "step:13": (1, None),  # mid-epoch 2 (its 5th step)
     "step:29": (3, None),  # mid-epoch 4, after an odd epoch: the pending train losses must survive
     "eval:1": (1, None),  # epoch 2 evaluated, its row not yet written

@@ -6,7 +6,8 @@ import torch
 
 from lvae import data as datasets
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.grid import group_configs, noise_shapes, train_grid
+from lvae.grid import group_configs, train_grid
+from lvae.models import noise_shapes
 from lvae.runs import get_or_train
 
 EVAL = EvalConfig(every=1, iw_samples=20, iw_chunk=7, test_subset=60, train_subset=80)
