@@ -14,7 +14,7 @@ import torch
 
 from .layers import BernoulliOutput
 from .gaussian import NoiseReplay
-from .models import HierarchicalVAE, Pass, noise_shapes
+from .models import HierarchicalVAE, Pass, draw_noise
 
 
 def _log_mean_exp(a: torch.Tensor, dim: int) -> torch.Tensor:
@@ -100,8 +100,7 @@ def iw_bound_batched(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk_size
         bar = tqdm(total=len(x), desc=f"L_{k}", unit="image", leave=False)
 
     def batch_noise(n_rows: int) -> list[list[torch.Tensor]]:  # per chunk: eps [n, n_rows, d] in drawing order
-        return [[torch.randn(shape, dtype=x.dtype, device=x.device, generator=generator)
-                 for shape in noise_shapes(model.config, min(chunk, k - start), n_rows)]
+        return [draw_noise(model.config, min(chunk, k - start), n_rows, generator, x.device, x.dtype)
                 for start in range(0, k, chunk)]
 
     def one(xs: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:

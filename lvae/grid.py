@@ -43,10 +43,10 @@ from torch.func import functional_call, stack_module_state, vmap
 from . import data as datasets
 from . import runs as registry
 from .config import EvalConfig, RunConfig
-from .models import HierarchicalVAE
+from .models import HierarchicalVAE, draw_noise
 from .optim import FlatAdam
 from .train import (NonFiniteLossError, Objective, autocast, default_device, evaluate, fused_adam, generator,
-                    learning_rate, make_optimizer, noise_shapes)
+                    learning_rate, make_optimizer)
 from .warmup import warmup_beta
 
 # TrainConfig fields that may differ inside one stacked group (everything else must agree)
@@ -197,9 +197,8 @@ class GridTrainer:
                 x = xb.unsqueeze(0).expand(M, *xb.shape)
             else:
                 x = torch.stack([epoch_data[s][start:start + cfg.batch_size] for s in seeds])
-            shapes = noise_shapes(self.mcfg, k, x.shape[1])
-            per_model = [[torch.randn(sh, device=dev, generator=g) for sh in shapes] for g in noise]
-            eps = [torch.stack([pm[j] for pm in per_model]) for j in range(len(shapes))]
+            per_model = [draw_noise(self.mcfg, k, x.shape[1], g, dev) for g in noise]
+            eps = [torch.stack(draws) for draws in zip(*per_model)]
             losses.append(self.step(x, betas, eps))
             if progress is not None:
                 progress.update(1)

@@ -279,6 +279,14 @@ def noise_shapes(model_cfg: ModelConfig, k: int, batch: int) -> list[tuple[int, 
     return [(k, batch, d) for d in order]
 
 
+def draw_noise(model_cfg: ModelConfig, k: int, batch: int, generator: torch.Generator | None,
+               device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """The eps tensors a pass with ``k`` samples per example would draw from ``generator``, drawn
+    now, in the same order and shapes (:func:`noise_shapes`)."""
+    return [torch.randn(shape, dtype=dtype, device=device, generator=generator)
+            for shape in noise_shapes(model_cfg, k, batch)]
+
+
 def build_model(config: ModelConfig) -> HierarchicalVAE:
     """The VAE (``inference="bottom_up"``) or LVAE (``"ladder"``) described by ``config``."""
     if not isinstance(config, ModelConfig):

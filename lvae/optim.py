@@ -17,18 +17,6 @@ from __future__ import annotations
 import torch
 
 
-def _flatten_into(tensors: list[torch.Tensor], flat: torch.Tensor) -> list[torch.Tensor]:
-    """Copy ``tensors`` into consecutive slices of ``flat``; return the slices shaped like them."""
-    views, offset = [], 0
-    for t in tensors:
-        n = t.numel()
-        view = flat[offset:offset + n].view_as(t)
-        view.copy_(t)
-        views.append(view)
-        offset += n
-    return views
-
-
 class FlatAdam(torch.optim.Adam):
     """``torch.optim.Adam`` (no weight decay, no amsgrad) whose parameters, gradients and moments
     live in flat buffers; plus :meth:`clip_` (norm rescaling then value clipping) on the flat gradient.
@@ -47,12 +35,12 @@ class FlatAdam(torch.optim.Adam):
         kind = {"fused": True} if fused else {"foreach": True}
         super().__init__(params, lr=lr, betas=betas, eps=eps, **kind)
         like = params[0]
-        n = sum(p.numel() for p in params)
-        with torch.no_grad():
-            self._flat = torch.empty(n, dtype=like.dtype, device=like.device)
-            for p, view in zip(params, _flatten_into([p.detach() for p in params], self._flat)):
-                p.data = view
         self._params = params
+        self._flat = torch.empty(sum(p.numel() for p in params), dtype=like.dtype, device=like.device)
+        with torch.no_grad():
+            for p, view in zip(params, self._views(self._flat)):
+                view.copy_(p)
+                p.data = view
         self._flat_param = torch.nn.Parameter(self._flat, requires_grad=False)
         self._flat_param.grad = torch.zeros_like(self._flat)
         for p, g in zip(params, self._views(self._flat_param.grad)):
@@ -61,6 +49,7 @@ class FlatAdam(torch.optim.Adam):
         self.adopt_state()
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Consecutive slices of ``flat`` shaped like the parameters."""
         out, offset = [], 0
         for p in self._params:
             out.append(flat[offset:offset + p.numel()].view_as(p))
@@ -80,10 +69,10 @@ class FlatAdam(torch.optim.Adam):
             if len(steps) != 1:
                 raise ValueError(f"FlatAdam: parameters are at different Adam steps {sorted(steps)}")
             step = states[0]["step"].detach().clone().to(torch.float32)
-            m = torch.empty_like(flat)
-            v = torch.empty_like(flat)
-            _flatten_into([s["exp_avg"].to(flat) for s in states], m)
-            _flatten_into([s["exp_avg_sq"].to(flat) for s in states], v)
+            m, v = torch.empty_like(flat), torch.empty_like(flat)
+            for s, mv, vv in zip(states, self._views(m), self._views(v)):
+                mv.copy_(s["exp_avg"])
+                vv.copy_(s["exp_avg_sq"])
         else:
             step, m, v = torch.tensor(0.0), torch.zeros_like(flat), torch.zeros_like(flat)
         if self.defaults["fused"]:

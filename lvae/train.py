@@ -25,7 +25,7 @@ from . import data as datasets
 from .bounds import elbo, iw_bound_batched, kl_per_unit, training_bound
 from .config import EvalConfig, TrainConfig
 from .gaussian import NoiseReplay
-from .models import HierarchicalVAE, noise_shapes
+from .models import HierarchicalVAE, draw_noise
 from .optim import FlatAdam
 from .warmup import warmup_beta
 
@@ -47,7 +47,7 @@ def default_device() -> torch.device:
 
 
 class Objective(nn.Module):
-    """-(training bound).mean() of one model with pre-drawn noise ``eps`` (see :func:`noise_shapes`):
+    """-(training bound).mean() of one model with pre-drawn noise ``eps`` (:func:`lvae.models.draw_noise`):
     the loss of :func:`train_step` as a module, so that ``torch.compile`` sees no random-number
     generator and ``functional_call`` (lvae.grid) can swap in one model's slice of stacked weights."""
 
@@ -79,12 +79,14 @@ def learning_rate(epoch: int, cfg: TrainConfig) -> float:
     return cfg.lr * cfg.lr_decay ** (epoch // cfg.lr_decay_every)
 
 
-def clip_gradients(params: list[torch.Tensor] | FlatAdam, cfg: TrainConfig) -> None:
+def clip_gradients(params: list[torch.Tensor] | torch.optim.Optimizer, cfg: TrainConfig) -> None:
     """Rescale to total norm <= clip_norm, then clip elementwise to +-clip_value (no host sync).
-    ``params``: a list of parameters, or a :class:`FlatAdam` (the same on its flat gradient)."""
+    ``params``: a list of parameters, or an optimizer (a :class:`FlatAdam` clips its flat gradient)."""
     if isinstance(params, FlatAdam):
         params.clip_(cfg.clip_norm, cfg.clip_value)
         return
+    if isinstance(params, torch.optim.Optimizer):
+        params = [p for group in params.param_groups for p in group["params"]]
     if cfg.clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm, foreach=True)
     if cfg.clip_value > 0:
@@ -98,17 +100,18 @@ def autocast(cfg: TrainConfig, device: torch.device | str):
     return contextlib.nullcontext()
 
 
-_COMPILED: OrderedDict[int, tuple[weakref.ref, Callable]] = OrderedDict()  # id(model) -> compiled Objective
+_COMPILED: OrderedDict[tuple, tuple[weakref.ref, Callable]] = OrderedDict()  # -> compiled Objective
 
 
 def compiled_objective(model: HierarchicalVAE, cfg: TrainConfig) -> Callable:
-    """``torch.compile(Objective(model, cfg))``, cached per model (the last two models)."""
-    hit = _COMPILED.get(id(model))
+    """``torch.compile(Objective(model, cfg))``, cached per model and objective (the last two)."""
+    key = (id(model), cfg.eq_samples, cfg.iw_samples, cfg.analytic_kl)
+    hit = _COMPILED.get(key)
     if hit is not None and hit[0]() is model:
-        _COMPILED.move_to_end(id(model))
+        _COMPILED.move_to_end(key)
         return hit[1]
     fn = torch.compile(Objective(model, cfg))
-    _COMPILED[id(model)] = (weakref.ref(model), fn)
+    _COMPILED[key] = (weakref.ref(model), fn)
     while len(_COMPILED) > 2:
         _COMPILED.popitem(last=False)
     return fn
@@ -124,15 +127,13 @@ def train_step(model: HierarchicalVAE, optimizer: torch.optim.Optimizer, x: torc
     """
     with autocast(cfg, x.device):
         if cfg.compile and len(x) == cfg.batch_size:
-            eps = [torch.randn(s, dtype=x.dtype, device=x.device, generator=noise)
-                   for s in noise_shapes(model.config, cfg.eq_samples * cfg.iw_samples, len(x))]
+            eps = draw_noise(model.config, cfg.eq_samples * cfg.iw_samples, len(x), noise, x.device, x.dtype)
             loss = compiled_objective(model, cfg)(x, torch.tensor(float(beta), device=x.device), eps)
         else:
             loss = -training_bound(model, x, beta, cfg.eq_samples, cfg.iw_samples, cfg.analytic_kl, noise).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    clip_gradients(optimizer if isinstance(optimizer, FlatAdam) else
-                   [p for g in optimizer.param_groups for p in g["params"]], cfg)
+    clip_gradients(optimizer, cfg)
     optimizer.step()
     return loss.detach()
 
@@ -226,8 +227,7 @@ def evaluate(model: HierarchicalVAE, data: datasets.ImageData, cfg: TrainConfig,
         iw_batch = max(1, min(100, 25_000 // max(1, min(ecfg.iw_chunk, ecfg.iw_samples))))
         x_iw = x_test[: ecfg.iw_subset] if ecfg.iw_subset else x_test
         vals = iw_bound_batched(model, x_iw, ecfg.iw_samples, ecfg.iw_chunk, iw_batch, g,
-                                workers=torch.get_num_threads() if x_iw.device.type == "cpu" else 1,
-                                progress=progress)
+                                workers=torch.get_num_threads(), progress=progress)
         out["test_LK"], out["test_LK_se"] = _batched_mean_se(vals)
         out["iw_k"] = ecfg.iw_samples
         out["n_iw"] = len(x_iw)

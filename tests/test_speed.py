@@ -199,8 +199,9 @@ def test_compiled_step_matches_eager_step():
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     x = (torch.rand(16, 30, generator=torch.Generator().manual_seed(4)) < 0.4).float()
-    from lvae.train import compiled_objective, noise_shapes
-    eps = [torch.randn(s, generator=g1) for s in noise_shapes(b.config, 1, 16)]
+    from lvae.models import draw_noise
+    from lvae.train import compiled_objective
+    eps = draw_noise(b.config, 1, 16, g1, "cpu")
     la = -training_bound(b, x, 0.7, 1, 1, True, g2).mean()
     lb = compiled_objective(b, comp)(x, torch.tensor(0.7), eps)
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
