@@ -408,6 +408,29 @@ def benchmark_table(path=None) -> tuple[str, list[dict[str, Any]]]:
     return machine, rows
 
 
+BENCHMARK_IMPLS = ("reference", "library fp32", "library fp32 compiled", "library bf16", "library bf16 compiled")
+
+
+def benchmark_summary(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`benchmark_table` rows in a narrow form for the book: one row per benchmark measured against
+    the reference, one column per implementation (cells: time, x reference, % of fp32 peak); and every
+    other result (grid, bf16 quality, book rebuild) and every note as a sentence."""
+    by_what: dict[str, dict[str, Any]] = {}
+    sentences = []
+    for r in rows:
+        if r["implementation"] in BENCHMARK_IMPLS and (r["x reference"] or r["implementation"] == "reference"):
+            cell = tuple(c for c in (r["time"], r["x reference"] and f"{r['x reference']}x",
+                                     r["% of fp32 peak"]) if c)
+            by_what.setdefault(r["benchmark"], {"benchmark": r["benchmark"]})[r["implementation"]] = cell
+            if r["notes"]:
+                sentences.append(f"{r['benchmark']}, {r['implementation']}: {r['notes']}")
+        else:
+            sentences.append(f"{r['benchmark']}, {r['implementation']}: {r['time']}"
+                             + (f", {r['x reference']}x" if r["x reference"] else "")
+                             + (f"; {r['notes']}" if r["notes"] else ""))
+    return list(by_what.values()), sentences
+
+
 def best_depths(runs: dict, metric: str = "test_L1") -> dict[str, int]:
     """The depth with the best final ``metric`` for each variant."""
     table = grid_table(runs, metric)

@@ -100,7 +100,8 @@ def glue(name: str, value: Any, display: bool = False) -> None:
 
 
 class Table:
-    """A small HTML table (``_repr_html_``) with a caption; ``None`` cells print as an em dash."""
+    """A small HTML table (``_repr_html_``) with a caption; ``None`` cells print as an em dash, a
+    tuple cell as one line per item."""
 
     def __init__(self, rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, caption: str = "",
                  fmt: str = "{:.2f}"):
@@ -113,6 +114,8 @@ class Table:
             return "—"
         if isinstance(v, float):
             return self.fmt.format(v)
+        if isinstance(v, tuple):
+            return "<br>".join(self._cell(x) for x in v)
         return html.escape(str(v))
 
     def _repr_html_(self) -> str:
@@ -124,8 +127,8 @@ class Table:
                 f"<tbody>{body}</tbody></table>{cap}</div>")
 
     def __repr__(self) -> str:
-        lines = [" | ".join(self.columns)] + [" | ".join(self._cell(r.get(c)) for c in self.columns)
-                                              for r in self.rows]
+        lines = [" | ".join(self.columns)] + [" | ".join(self._cell(r.get(c)).replace("<br>", " ")
+                                                         for c in self.columns) for r in self.rows]
         return (self.caption + "\n" if self.caption else "") + "\n".join(lines)
 
 

@@ -223,6 +223,16 @@ def test_benchmark_table_reads_bench_results(tmp_path, monkeypatch):
     assert "1 torch thread(s) (CPU time of one thread)" in machine and "fp32 100 GFLOP/s" in machine
     assert rows[0]["time"] == "50.0 ms" and rows[0]["% of fp32 peak"] == "40%" and rows[0]["notes"] == "wall 60.0 ms"
     assert rows[1]["time"] == "2.5 s" and rows[1]["x reference"] == "0.50" and "compilation 44 s" in rows[1]["notes"]
+    # the book's narrow form: one row per benchmark, a (time, ratio, % peak) cell per implementation
+    from lvae.analysis import benchmark_summary
+    from lvae.book import table
+    speed, other = benchmark_summary(rows + [{"benchmark": "grid", "implementation": "lvae.grid (vmap)", "time": "6.8 s",
+                                              "x reference": "", "GFLOP/s": "", "% of fp32 peak": "", "notes": ""}])
+    assert speed == [{"benchmark": "step", "reference": ("50.0 ms", "1.00x", "40%"),
+                      "library fp32 compiled": ("2.5 s", "0.50x")}]
+    assert other == ["step, reference: wall 60.0 ms", "step, library fp32 compiled: first steps incl. compilation 44 s",
+                     "grid, lvae.grid (vmap): 6.8 s"]
+    assert "<td>50.0 ms<br>1.00x<br>40%</td>" in table(speed, ["benchmark", "reference"])._repr_html_()
     monkeypatch.setattr("lvae.analysis.benchmark_results_path", lambda: None)
     with pytest.raises(FileNotFoundError, match="benchmarks/bench.py"):
         benchmark_table()
