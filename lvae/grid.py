@@ -22,7 +22,8 @@ Evaluation (:func:`lvae.train.evaluate`) runs per model on its unstacked copy.
 
 Device-agnostic (CPU or CUDA). Only CPU was available when this was written; on a GPU,
 ``compile=True`` (or ``TrainConfig(compile=True)``) wraps the vmapped objective in ``torch.compile``
-(untested there).
+for full batches (a last partial batch runs eager: no recompilation); tests/test_grid.py checks it
+against the eager grid on the CPU; it has not run on a GPU.
 """
 from __future__ import annotations
 
@@ -107,8 +108,9 @@ class GridTrainer:
             return functional_call(self.objective, (p, b), (x, beta, eps))
 
         self._loss = vmap(one, in_dims=(0, 0, 0, 0, 0), randomness="error")
-        if compile or self.tcfg.compile:
-            self._loss = torch.compile(self._loss)
+        # as lvae.train.train_step: full batches through the compiled graph, a last partial batch eager
+        # (no recompilation, no dynamic-shape graph)
+        self._loss_full = torch.compile(self._loss) if compile or self.tcfg.compile else self._loss
 
     # -- per-model state <-> stacked state ---------------------------------------------------------
     def _load_optimizer_states(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
@@ -170,7 +172,8 @@ class GridTrainer:
     def step(self, x: torch.Tensor, beta: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
         """One Adam step of every model; ``x`` [M, B, D], ``beta`` [M], ``eps`` list of [M, k, B, d]."""
         with autocast(self.tcfg, self.device):
-            losses = self._loss(self.params, self.buffers, x, beta, eps)
+            loss = self._loss_full if x.shape[1] == self.tcfg.batch_size else self._loss
+            losses = loss(self.params, self.buffers, x, beta, eps)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         self._clip()
