@@ -8,6 +8,7 @@ latent traversals (the explorer widget).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -127,7 +128,8 @@ def headline_rows(runs: dict, max_depth: int) -> list[dict[str, Any]]:
             what = f"L1 on {final(run, 'n_test'):,}" if value is not None else "—"
         return {"quantity": ref.what, "paper model": ref.model, "paper": ref.value, "source": ref.source,
                 "our model": "—" if ours_key is None else model_label(run, _fmt_model(ours_key)), "ours": value,
-                "± s.e.": se, "measured as": what, "gap": None if value is None else value - ref.value}
+                "± s.e.": se, "ours ± s.e.": value if se is None else (value, f"± {se:.2f}"),
+                "measured as": what, "gap": None if value is None else value - ref.value}
 
     lkey = ("lvae_bn_wu", max_depth, 0)
     return [
@@ -260,7 +262,7 @@ def layer_split(run) -> LayerSplit:
 
 
 # -- table rows for the chapters -----------------------------------------------------------------
-HEADLINE_COLUMNS = ("quantity", "paper model", "paper", "our model", "ours", "± s.e.", "gap", "measured as")
+HEADLINE_COLUMNS = ("quantity", "paper model", "paper", "our model", "ours ± s.e.", "gap", "measured as")
 
 
 def grid_rows(runs: dict, variants: Sequence[str]) -> list[dict[str, Any]]:
@@ -346,17 +348,26 @@ def profile_rows() -> list[dict[str, Any]]:
 
 
 def registry_rows(root=None) -> list[dict[str, Any]]:
-    """The run registry (``lvae runs``) with provenance."""
+    """The run registry (``lvae runs``) with provenance; a run's status is shown when it is not complete."""
     from .runs import list_runs
 
     rows = []
     for r in list_runs(root):
         prov = r.provenance
-        rows.append({"run": r.name, "epochs": r.epochs, "status": r.status, "test L1": final(r, "test_L1"),
+        epochs = r.epochs if r.status == "complete" else f"{r.epochs} ({r.status})"
+        rows.append({"run": r.name, "epochs": epochs, "test L1": final(r, "test_L1"),
                      "test LK": final(r, "test_LK"), "K": final(r, "iw_k"),
-                     "wall [min]": (prov.get("wall_seconds") or 0) / 60, "device": prov.get("device"),
-                     "commit": (prov.get("git_commit") or "—")[:8]})
+                     "wall [min]": (prov.get("wall_seconds") or 0) / 60, "device": short_device(prov.get("device")),
+                     "commit": (prov.get("git_commit") or "—")[:7]})
     return rows
+
+
+def short_device(device: str | None) -> str | None:
+    """``lvae.runs.device_description`` in a table cell: "cpu (x86_64, 2 threads)" -> "cpu, 2 threads"."""
+    m = re.fullmatch(r"cpu \((.*), (\d+) threads\)", device or "")
+    if m:
+        return f"cpu, {m.group(2)} thread{'' if m.group(2) == '1' else 's'}"
+    return device
 
 
 def benchmark_results_path() -> Path | None:
