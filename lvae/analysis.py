@@ -65,7 +65,8 @@ def best_lk(run, n: int | None = None) -> dict[str, Any] | None:
     """The final importance-weighted bound of a complete run on the most test images available:
     the training-time evaluation (often on a test subset) or a later ``lvae eval`` of the same
     weights (evals.jsonl), whichever used more images -- or exactly ``n`` images when given, so
-    that two models are compared on the same images. Keys: value, se, k, n, seconds, source."""
+    that two models are compared on the same images; among evaluations on as many images, the
+    newest. Keys: value, se, k, n, seconds, source."""
     if run is None or not run.ok:
         return None
     row = next((r for r in reversed(run.metrics()) if "test_LK" in r), None)  # the final L_K evaluation
@@ -73,13 +74,14 @@ def best_lk(run, n: int | None = None) -> dict[str, Any] | None:
         return None
     cands = [{"value": row["test_LK"], "se": row.get("test_LK_se"), "k": row.get("iw_k"), "n": row.get("n_iw"),
               "seconds": row.get("iw_seconds"), "source": "training-time evaluation"}]
-    for e in run.evals():
+    for e in run.evals():  # in the order they were made
         if e.get("epoch") == run.epochs and e.get("test_LK") is not None and e.get("iw_k") == cands[0]["k"]:
             cands.append({"value": e["test_LK"], "se": e.get("test_LK_se"), "k": e["iw_k"], "n": e.get("n_iw"),
-                          "seconds": e.get("iw_seconds"), "source": f"`lvae eval` on {e.get('device', '?')}"})
+                          "seconds": e.get("iw_seconds"), "source": f"lvae eval on {short_device(e.get('device')) or '?'}"})
     if n is not None:
         cands = [c for c in cands if c["n"] == n] or [cands[0]]
-    return max(cands, key=lambda c: c["n"] or 0)
+    # the most images; among equals the newest (a re-run with faster code times the current code)
+    return max(reversed(cands), key=lambda c: c["n"] or 0)
 
 
 def model_label(run, label: str) -> str:

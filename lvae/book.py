@@ -19,6 +19,8 @@ overrides), :func:`glue` (myst-nb glue when available, a no-op elsewhere, e.g. o
 """
 from __future__ import annotations
 
+import ast
+
 import contextlib
 import dataclasses
 import html
@@ -86,8 +88,18 @@ def glue(name: str, value: Any, display: bool = False) -> None:
     """myst-nb's ``glue`` (numbers in prose); a no-op where myst-nb is not installed (Colab).
 
     Floats are glued as Python floats (format them in the prose: ``{glue:text}`name:.2f```),
-    strings without quotes.
+    strings without quotes. myst-nb reads a glued text as a Python literal where it can, so a string
+    such as ``"10,000"`` would print as ``(10, 0)``: such strings are refused (glue the number and
+    format it in the prose, ``{glue:text}`name:,```).
     """
+    if isinstance(value, str):
+        try:
+            literal = ast.literal_eval(value)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            literal = value
+        if isinstance(literal, (tuple, list, dict, set)):
+            raise BookError(f"glue({name!r}, {value!r}): the book would print this as {literal!r}; glue the "
+                            f"number itself and format it in the prose, e.g. {{glue:text}}`{name}:,`")
     try:
         from myst_nb import glue as _glue
     except ImportError:
@@ -135,7 +147,6 @@ class Table:
 def show_source(obj: Any):
     """The source of a library function without its docstring, as highlighted code (for chapters
     that show "the few lines that implement it")."""
-    import ast
     import inspect
     import textwrap
 

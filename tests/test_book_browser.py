@@ -1,7 +1,7 @@
 """The built smoke book in a real browser: headless Debian Chromium driven by Playwright.
 
 Serves the HTML on 127.0.0.1, opens every page, and checks: no console/page errors, every image
-loaded, no table wider than the text column, the widget explorer renders from its embedded state (JavaScript served from the book's
+loaded, no table or code cell wider than the text column, the widget explorer renders from its embedded state (JavaScript served from the book's
 own _static/) and its slider changes the visible image. Screenshots go to _build/screenshots/.
 
 Chromium: `apt-get install -y chromium` (the Makefile's `install-browser` does it). The test is
@@ -93,12 +93,12 @@ def test_every_page_renders_without_errors(server, browser, smoke_book):
         broken = page.evaluate("""() => [...document.images]
             .filter(img => !(img.complete && img.naturalWidth > 0)).map(img => img.src.slice(0, 120))""")
         n_images = page.evaluate("() => document.images.length")
-        # a table wider than the text column hides its right-hand columns behind a scroll bar
-        wide = page.evaluate("""() => [...document.querySelectorAll('div.lvae-table-wrap')]
+        # a table or code cell wider than the text column hides its right-hand part behind a scroll bar
+        wide = page.evaluate("""() => [...document.querySelectorAll('div.lvae-table-wrap, div.cell_input pre')]
             .filter(d => d.scrollWidth > d.clientWidth + 8)
             .map(d => `${d.scrollWidth}px > ${d.clientWidth}px: ${d.innerText.slice(0, 60)}`)""")
         if wide:
-            failures.append(f"{chapter}: tables wider than the page: {wide}")
+            failures.append(f"{chapter}: tables or code wider than the page: {wide}")
         page.screenshot(path=str(SCREENSHOTS / f"{chapter}.png"), full_page=True)
         problems = [p for p in problems if not any(s in p for s in IGNORED)]
         if problems or broken:
