@@ -50,7 +50,8 @@ def training_bound(model: HierarchicalVAE, x: torch.Tensor, beta: float = 1.0, e
     return _log_mean_exp(a, dim=1).mean(0)
 
 
-def iw_bound(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk_size: int | None = None,
+def iw_bound(model: HierarchicalVAE, x: torch.Tensor, k: int,
+             chunk_size: int | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """The importance-weighted bound L_K per example ``[B]`` (eq 6), K = ``k``.
 
@@ -67,10 +68,12 @@ def iw_bound(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk_size: int | 
         total, workspace = None, {}
         for start in range(0, k, chunk):
             n = min(chunk, k - start)
-            part = torch.logsumexp(_iw_log_weights(model, x, up, n, generator, workspace), dim=0)
-            total = part if total is None else torch.logaddexp(total, part)  # running log-sum-exp
+            log_w = _iw_log_weights(model, x, up, n, generator, workspace)
+            part = torch.logsumexp(log_w, dim=0)
+            # running log-sum-exp over the chunks
+            total = part if total is None else torch.logaddexp(total, part)
         total = total - math.log(k)
-    return total.clone()  # a normal tensor again (usable outside inference mode)
+    return total.clone()  # a normal tensor (usable outside inference mode)
 
 
 IW_ROWS = 2_500  # samples x images per chunk of work: the [rows, 784] logits stay in the cache

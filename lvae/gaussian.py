@@ -34,9 +34,9 @@ def kl_standard_normal(mu_q: torch.Tensor, var_q: torch.Tensor) -> torch.Tensor:
     return 0.5 * (var_q + mu_q**2 - 1.0 - torch.log(var_q))
 
 
-def precision_weighted(
-    mu_hat: torch.Tensor, var_hat: torch.Tensor, mu_p: torch.Tensor, var_p: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def precision_weighted(mu_hat: torch.Tensor, var_hat: torch.Tensor,
+                       mu_p: torch.Tensor, var_p: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The LVAE merge (paper eqs 17-18): the normalised product of two Gaussians.
 
     var_q = 1 / (var_hat^-1 + var_p^-1),   mu_q = (mu_hat var_hat^-1 + mu_p var_p^-1) var_q.

@@ -94,7 +94,7 @@ def test_every_page_renders_without_errors(server, browser, smoke_book):
             .filter(img => !(img.complete && img.naturalWidth > 0)).map(img => img.src.slice(0, 120))""")
         n_images = page.evaluate("() => document.images.length")
         # a table or code cell wider than the text column hides its right-hand part behind a scroll bar
-        wide = page.evaluate("""() => [...document.querySelectorAll('div.lvae-table-wrap, div.cell_input pre')]
+        wide = page.evaluate("""() => [...document.querySelectorAll('div.lvae-table-wrap, pre')]
             .filter(d => d.scrollWidth > d.clientWidth + 8)
             .map(d => `${d.scrollWidth}px > ${d.clientWidth}px: ${d.innerText.slice(0, 60)}`)""")
         if wide:
