@@ -36,6 +36,7 @@ import lvae  # noqa: E402
 from lvae import data as datasets  # noqa: E402
 from lvae.bounds import iw_bound, iw_bound_batched  # noqa: E402
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from lvae.runs import git_commit  # noqa: E402
 from lvae.train import generator, make_optimizer, train_epoch, train_step  # noqa: E402
 
 OUT: dict = {}
@@ -361,7 +362,8 @@ def main() -> None:
                          "time in parentheses)" if PRIMARY else "wall time"))
     only = set(ns.only.split(","))
     OUT["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": ns.threads, "torch": torch.__version__,
-                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_start": os.getloadavg()}
+                      "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "load_start": os.getloadavg(),
+                      **git_commit()}
     print(f"{OUT['machine']['cpu']}, {os.cpu_count()} cores, {ns.threads} torch threads, torch {torch.__version__}, "
           f"{OUT['machine']['date']}   ({load()})")
     pk = peak(3 if ns.quick else 5)

@@ -391,8 +391,10 @@ def benchmark_table(path=None) -> tuple[str, list[dict[str, Any]]]:
     res = json.loads(Path(path).read_text())
     m = res["machine"]
     timing = "CPU time of one thread" if m["threads"] == 1 else f"wall time, {m['threads']} threads"
+    commit = f", commit {m['git_commit'][:7]}{' (modified)' if m.get('git_dirty') else ''}" \
+        if m.get("git_commit") else ""
     machine = (f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch thread(s) ({timing}), torch {m['torch']}, "
-               f"{m['date']}; load average {m['load_start'][0]:.1f} at the start, "
+               f"{m['date']}{commit}; load average {m['load_start'][0]:.1f} at the start, "
                f"{m.get('load_end', [float('nan')])[0]:.1f} at the end. Matmul peak measured in the same run: "
                f"fp32 {res['peak']['float32']:.0f} GFLOP/s, bf16 {res['peak']['bfloat16']:.0f} GFLOP/s.")
     rows = []
@@ -431,7 +433,7 @@ def benchmark_summary(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, An
     by_what: dict[str, dict[str, Any]] = {}
     sentences = []
     for r in rows:
-        if r["implementation"] in BENCHMARK_IMPLS and (r["x reference"] or r["implementation"] == "reference"):
+        if r["implementation"] in BENCHMARK_IMPLS and r["x reference"]:
             cell = tuple(c for c in (r["time"], r["x reference"] and f"{r['x reference']}x",
                                      r["% of fp32 peak"]) if c)
             by_what.setdefault(r["benchmark"], {"benchmark": r["benchmark"]})[r["implementation"]] = cell

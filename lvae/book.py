@@ -20,7 +20,6 @@ overrides), :func:`glue` (myst-nb glue when available, a no-op elsewhere, e.g. o
 from __future__ import annotations
 
 import ast
-
 import contextlib
 import dataclasses
 import html
@@ -121,13 +120,13 @@ class Table:
         self.columns = list(columns or (self.rows[0].keys() if self.rows else []))
         self.caption, self.fmt = caption, fmt
 
-    def _cell(self, v: Any) -> str:
+    def _cell(self, v: Any, line_break: str = "<br>") -> str:
         if v is None:
             return "—"
         if isinstance(v, float):
             return self.fmt.format(v)
         if isinstance(v, tuple):
-            return "<br>".join(self._cell(x) for x in v)
+            return line_break.join(self._cell(x, line_break) for x in v)
         return html.escape(str(v))
 
     def _repr_html_(self) -> str:
@@ -139,8 +138,8 @@ class Table:
                 f"<tbody>{body}</tbody></table>{cap}</div>")
 
     def __repr__(self) -> str:
-        lines = [" | ".join(self.columns)] + [" | ".join(self._cell(r.get(c)).replace("<br>", " ")
-                                                         for c in self.columns) for r in self.rows]
+        lines = [" | ".join(self.columns)] + [" | ".join(self._cell(r.get(c), " ") for c in self.columns)
+                                              for r in self.rows]
         return (self.caption + "\n" if self.caption else "") + "\n".join(lines)
 
 

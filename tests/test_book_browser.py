@@ -1,8 +1,9 @@
 """The built smoke book in a real browser: headless Debian Chromium driven by Playwright.
 
 Serves the HTML on 127.0.0.1, opens every page, and checks: no console/page errors, every image
-loaded, no table or code cell wider than the text column, the widget explorer renders from its embedded state (JavaScript served from the book's
-own _static/) and its slider changes the visible image. Screenshots go to _build/screenshots/.
+loaded, no table or code block wider than the text column, the widget explorer renders from its
+embedded state (JavaScript served from the book's own _static/) and its slider changes the visible
+image. Screenshots go to _build/screenshots/.
 
 Chromium: `apt-get install -y chromium` (the Makefile's `install-browser` does it). The test is
 skipped, with the reason, only when no Chromium binary or no Playwright is available. Playwright's

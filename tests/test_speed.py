@@ -233,6 +233,10 @@ def test_benchmark_table_reads_bench_results(tmp_path, monkeypatch):
     assert other == ["step, reference: wall 60.0 ms", "step, library fp32 compiled: first steps incl. compilation 44 s",
                      "grid, lvae.grid (vmap): 6.8 s"]
     assert "<td>50.0 ms<br>1.00x<br>40%</td>" in table(speed, ["benchmark", "reference"])._repr_html_()
+    assert "step | 50.0 ms 1.00x 40%" in repr(table(speed, ["benchmark", "reference"]))
+    res["machine"].update(git_commit="0123456789abcdef", git_dirty=False)
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    assert ", commit 0123456;" in benchmark_table(tmp_path / "r.json")[0]
     monkeypatch.setattr("lvae.analysis.benchmark_results_path", lambda: None)
     with pytest.raises(FileNotFoundError, match="benchmarks/bench.py"):
         benchmark_table()
