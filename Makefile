@@ -34,7 +34,8 @@ install-browser:
 test: install install-browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Execute every chapter with papermill under PROFILE (smoke | cpu | paper) and build _build/html
+# Execute every chapter with papermill under PROFILE (smoke | cpu | paper) and build _build/html.
+# Needs npm (Node.js) once, for the JavaScript the pages serve offline: checked before any chapter runs.
 book: install
 	$(BIN)/lvae book --profile $(PROFILE)
 

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -21,11 +21,15 @@ from .experiments import VARIANTS
 from .gaussian import precision_weighted
 from .models import HierarchicalVAE
 from .runs import RunFailedError, RunIncompleteError
+from .stats import Estimate, contrast, contrast_of_means, mean_ci
 from .train import ACTIVE_UNIT_THRESHOLD
 
 __all__ = [
-    "ACTIVE_UNIT_THRESHOLD", "history", "kl_history", "active_units", "final", "grid_table", "best_run",
-    "headline_rows", "posterior_means", "pca", "reconstruct", "traversal", "traversal_values",
+    "ACTIVE_UNIT_THRESHOLD", "history", "kl_history", "active_units", "final", "find_run", "profile_runs",
+    "SeedMean", "seed_mean", "lk_images", "grid_estimates", "grid_table", "best_model", "difference", "headline",
+    "grid_rows", "active_unit_rows", "table1_rows", "budget_runs", "budget_rows", "budget_differences",
+    "learning_curves",
+    "kl_units_from_weights", "layer_kl", "posterior_means", "pca", "reconstruct", "traversal", "traversal_values",
     "merge_sharpening", "iw_curve", "test_data",
 ]
 
@@ -89,58 +93,268 @@ def model_label(run, label: str) -> str:
     return label if run is None or run.ok else f"{label} ({run.status})"
 
 
+# -- runs of a profile, and numbers over its seeds -------------------------------------------------
+Key = tuple  # (variant, depth, seed): how every run of a profile is looked up
+
+
+def find_run(profile, variant: str, depth: int, seed: int, root=None):
+    """The registry's run of one model of ``profile`` (a Profile or its name), never training it:
+    None when it was never started (a partial or failed run is returned as it is)."""
+    from .profiles import experiment, load_profile
+    from .runs import Run, results_dir
+
+    p = load_profile(profile) if isinstance(profile, str) else profile
+    cfg, _ = experiment(p, variant, depth, seed)
+    path = results_dir(root) / cfg.dir_name
+    return Run(path) if (path / "config.json").exists() else None
+
+
+def profile_runs(profile, root=None, variants: Sequence[str] | None = None,
+                 depths: Sequence[int] | None = None) -> dict[Key, Any]:
+    """Every (variant, depth, seed) of ``profile`` (all its seeds) -> its run or None, read-only
+    (:func:`lvae.profiles.grid_runs` trains what is missing instead)."""
+    from .profiles import load_profile
+
+    p = load_profile(profile) if isinstance(profile, str) else profile
+    return {(v, d, s): find_run(p, v, d, s, root) for s in p.seeds for v in (variants or p.variants)
+            for d in (depths or p.depths)}
+
+
+def run_state(run) -> str:
+    """Why a run has no number: "not run", or its status with its epochs ("partial, 6 of 30 epochs")."""
+    if run is None:
+        return "not run"
+    target = run.provenance.get("target_epochs")
+    return f"{run.status}, {run.epochs} of {target} epochs" if target else run.status
+
+
+def lk_images(runs: Iterable) -> int | None:
+    """The most test images on which every complete run of ``runs`` has its final L_K (training-time
+    evaluation or ``lvae eval`` of the final weights), so that their L_K are means over the same
+    images; None when no run has one."""
+    common: set[int] | None = None
+    for run in runs:
+        if run is None or not run.ok:
+            continue
+        counts = _lk_counts(run)
+        if counts:
+            common = counts if common is None else common & counts
+    return max(common) if common else None
+
+
+def _lk_counts(run) -> set[int]:
+    row = next((r for r in reversed(run.metrics()) if "test_LK" in r), None)
+    if row is None:
+        return set()
+    return {row.get("n_iw")} | {e.get("n_iw") for e in run.evals()
+                                if e.get("epoch") == run.epochs and e.get("test_LK") is not None
+                                and e.get("iw_k") == row.get("iw_k")}
+
+
+def run_value(run, metric: str, n: int | None = None) -> tuple[float, float | None, int | None] | None:
+    """(value, test-image s.e., images) of one complete run's final ``metric``; None when the run has
+    no such number. ``test_LK`` is the L_K on exactly ``n`` test images (the most when None, see
+    :func:`best_lk`); ``active_units`` the total over layers (no s.e.)."""
+    if run is None or not run.ok:
+        return None
+    if metric == "test_LK":
+        lk = best_lk(run, n)
+        if lk is None or (n is not None and lk["n"] != n):
+            return None
+        return lk["value"], lk["se"], lk["n"]
+    value = final(run, metric)
+    if value is None:
+        return None
+    if metric == "active_units":
+        return float(sum(value)), None, None
+    n_images = final(run, "n_test") if metric.startswith("test_") else run.eval_config.train_subset
+    return float(value), final(run, metric + "_se"), n_images
+
+
+@dataclass(frozen=True)
+class SeedMean:
+    """One number of one model over the seeds a profile lists: the mean over the seeds that have it,
+    with a 95 % CI from their spread (:func:`lvae.stats.mean_ci`), and the test-image s.e."""
+
+    metric: str
+    values: dict[int, float]  # seed -> value, for the seeds with a number
+    missing: dict[int, str]  # seed -> why it has none (:func:`run_state`)
+    estimate: Estimate | None  # None when no seed has a number
+    image_se: float | None  # the test-image s.e. (mean over the seeds; they share the test images)
+    n_images: int | None
+
+    @property
+    def value(self) -> float | None:
+        return None if self.estimate is None else self.estimate.mean
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.values)
+
+    def text(self, fmt: str = "{:.2f}") -> str | None:
+        """``-98.79 ± 0.31`` (95 % CI over the seeds), or with one seed ``-98.79 ± 0.12 s.e.`` (the
+        test-image s.e.; a bare number where there is none); None without a number."""
+        if self.estimate is None:
+            return None
+        if self.n_seeds > 1:
+            return self.estimate.text(fmt)
+        m = self.estimate.mean
+        if self.image_se is None:
+            return f"{m:.0f}" if float(m).is_integer() else fmt.format(m)
+        return f"{fmt.format(m)} ± {fmt.format(self.image_se)} s.e."
+
+    def spread_text(self, fmt: str = "{:.2f}") -> str:
+        """:meth:`text` without the mean: ``± 0.31`` or ``± 0.12 s.e.`` ("" without one), for prose
+        that glues the mean as a number."""
+        text, m = self.text(fmt), self.value
+        return "" if text is None or m is None else text[len(fmt.format(m)):].strip()
+
+    def cell(self, fmt: str = "{:.2f}", seeds: bool = True) -> tuple[str, ...] | str:
+        """A table cell: :meth:`text`, then the test-image s.e. (several seeds), then the number of
+        seeds ("1 seed", "3 seeds") unless ``seeds`` is False (a table with a seeds column)."""
+        lines = [self.text(fmt) or "—"]
+        if self.n_seeds > 1 and self.image_se is not None:
+            lines.append(f"s.e. {fmt.format(self.image_se)} (images)")
+        if seeds and self.n_seeds:
+            lines.append(f"{self.n_seeds} seed{'s' if self.n_seeds > 1 else ''}")
+        return tuple(lines) if len(lines) > 1 else lines[0]
+
+
+def seeds_cell(cells: Sequence[SeedMean], listed: int, agg=max) -> tuple[str, ...] | str:
+    """"2 of 3": the seeds with a number (``agg`` over ``cells``: max for one model's columns, min
+    for a comparison of models) of the seeds listed, then why the others have none."""
+    n = agg((c.n_seeds for c in cells), default=0)
+    missing = {}
+    for c in cells:
+        missing.update(c.missing)
+    lines = [f"{n} of {listed}"] + [f"seed {s}: {why}" for s, why in sorted(missing.items())]
+    return tuple(lines) if len(lines) > 1 else lines[0]
+
+
+def seed_mean(runs: dict, variant: str, depth: int, metric: str, n: int | None = None,
+              seeds: Sequence[int] | None = None) -> SeedMean:
+    """``metric`` of model (variant, depth) over ``seeds`` (every seed in ``runs`` when None), each
+    run looked up by its key (variant, depth, seed); ``n``: the test images of an L_K (all runs
+    must have it on the same images, see :func:`lk_images`)."""
+    seeds = sorted({k[2] for k in runs}) if seeds is None else list(seeds)
+    vals, ses, missing, n_images = {}, [], {}, set()
+    for s in seeds:
+        run = runs.get((variant, depth, s))
+        got = run_value(run, metric, n)
+        if got is None:
+            missing[s] = run_state(run) if run is None or not run.ok else f"no {metric}"
+            continue
+        vals[s] = got[0]
+        ses.append(got[1])
+        n_images.add(got[2])
+    est = mean_ci(list(vals.values()), n_images=next(iter(n_images)) if len(n_images) == 1 else None) \
+        if vals else None
+    image_se = float(np.mean(ses)) if ses and all(e is not None for e in ses) else None
+    return SeedMean(metric, vals, missing, est, image_se, est.n_images if est else None)
+
+
+def grid_estimates(runs: dict, metric: str, variants: Sequence[str] | None = None,
+                   n: int | None = None) -> dict[str, dict[int, SeedMean]]:
+    """{variant: {depth: :class:`SeedMean` of ``metric``}} over every seed in ``runs``."""
+    variants = variants or list(dict.fromkeys(k[0] for k in runs))
+    if metric == "test_LK" and n is None:
+        n = lk_images(runs.values())
+    depths = sorted({k[1] for k in runs})
+    return {v: {d: seed_mean(runs, v, d, metric, n) for d in depths} for v in variants
+            if any(k[0] == v for k in runs)}
+
+
 def grid_table(runs: dict, metric: str) -> dict[str, dict[int, float | None]]:
-    """{variant: {depth: final value of ``metric``}} from :func:`lvae.profiles.grid_runs`."""
-    out: dict[str, dict[int, float | None]] = {}
-    for (variant, depth, _seed), run in sorted(runs.items()):
-        out.setdefault(variant, {})[depth] = final(run, metric)
-    return out
+    """{variant: {depth: mean over the seeds of the final ``metric``}} from :func:`lvae.profiles.grid_runs`."""
+    return {v: {d: e.value for d, e in by.items()} for v, by in grid_estimates(runs, metric).items()}
 
 
-def best_run(runs: dict, metric: str, variants: Sequence[str]) -> tuple[tuple[str, int, int], Any]:
-    """The (key, run) with the highest final ``metric`` among ``variants``."""
-    cands = [(k, r) for k, r in runs.items() if k[0] in variants and final(r, metric) is not None]
-    if not cands:
-        return None, None
-    return max(cands, key=lambda kr: final(kr[1], metric))
+def best_model(runs: dict, metric: str, variants: Sequence[str], n: int | None = None) -> tuple[str, int] | None:
+    """The (variant, depth) among ``variants`` with the highest mean over the seeds of ``metric``."""
+    models = sorted({k[:2] for k in runs if k[0] in variants})
+    scored = [(m, seed_mean(runs, *m, metric, n).value) for m in models]
+    scored = [(m, v) for m, v in scored if v is not None]
+    return max(scored, key=lambda mv: mv[1])[0] if scored else None
 
 
-def _fmt_model(key: tuple[str, int, int]) -> str:
+def difference(runs: dict, a: tuple[str, int], b: tuple[str, int], metric: str,
+               n: int | None = None) -> Estimate | None:
+    """Model a minus model b, each (variant, depth) averaged over its seeds in ``runs``: paired image by
+    image (:func:`lvae.stats.contrast`) when every run stored its per-image values on the same
+    images, otherwise from the per-seed means and their test-image s.e. (:func:`lvae.stats.contrast_of_means`).
+    ``metric``: ``test_L1`` or ``test_LK`` (on ``n`` test images). None when a side has no number."""
+    models = (a, b)
+    sides = [seed_mean(runs, *m, metric, n) for m in models]
+    if any(sm.estimate is None for sm in sides):
+        return None
+    key = "test_LK" if metric == "test_LK" else "test_L1"
+    arrays = []
+    for m, sm in zip(models, sides):
+        per = [runs[(*m, s)].per_image(n=n if metric == "test_LK" else None) for s in sm.values]
+        if any(p is None or key not in p or (metric == "test_LK" and p["n"] != n) for p in per):
+            break
+        arrays.append([p[key] for p in per])
+    if len(arrays) == 2 and len({x.size for xs in arrays for x in xs}) == 1:
+        return contrast([(1.0, arrays[0]), (-1.0, arrays[1])])
+    terms = []
+    for w, m, sm in zip((1.0, -1.0), models, sides):
+        ses = [run_value(runs[(*m, s)], metric, n)[1] for s in sm.values]
+        terms.append((w, list(sm.values.values()), ses if all(e is not None for e in ses) else None))
+    return contrast_of_means(terms, n_images=sides[0].n_images)
+
+
+def _fmt_model(key: tuple) -> str:
     return f"{VARIANTS[key[0]]['label']} {key[1]}-layer"
 
 
-def headline_rows(runs: dict, max_depth: int) -> list[dict[str, Any]]:
-    """Paper vs ours vs gap for every headline MNIST number (section 3 text and Table 1's LVAE row)."""
-    lvae = runs.get(("lvae_bn_wu", max_depth, min(k[2] for k in runs)))
-    vaes = [v for v in VARIANTS if v != "lvae_bn_wu"]
-    best_l1 = best_run(runs, "test_L1", vaes)
-    best_lk_run = best_run(runs, "test_LK", vaes)
+def _lk_label(k: int | None, n: int | None) -> str:
+    """``L5000 (500 images)``: every L_K says how many test images it covers."""
+    return f"L{k or 'K'} ({n:,} images)" if n else f"L{k or 'K'}"
 
-    # L_K of the LVAE and of the best VAE on the same test images: the most both have
-    n_common = min((best_lk(r) or {}).get("n") or 0 for r in (lvae, best_lk_run[1])) or None
 
-    def row(key: str, ours_key: tuple | None, run, metric: str) -> dict[str, Any]:
+HEADLINE_KEYS = ("mnist_lvae5_test_L1", "mnist_best_vae_test_L1", "mnist_lvae5_test_L5000",
+                 "mnist_best_vae_test_L5000", "t1_lvae5")
+FIG3_TEXT_KEYS = HEADLINE_KEYS[:4]  # the four MNIST numbers of section 3's text
+
+
+def headline(runs: dict, max_depth: int) -> dict[str, dict[str, Any]]:
+    """Paper vs ours for every headline MNIST number, keyed by the paper's key (:mod:`lvae.paper`):
+    section 3's text and Table 1's LVAE row. Ours: the mean over every seed in ``runs`` with its
+    95 % CI (one seed: the test-image s.e.). The best VAE is the bottom-up (variant, depth) with the
+    highest mean; both models' L_K are on the same test images (the most that all their seeds have)."""
+    vaes = [v for v in VARIANTS if VARIANTS[v]["inference"] == "bottom_up"]
+    lvae = ("lvae_bn_wu", max_depth)
+    best_l1 = best_model(runs, "test_L1", vaes)
+    best_lk_model = best_model(runs, "test_LK", vaes, lk_images(r for k, r in runs.items() if k[0] in vaes))
+    pair = [r for k, r in runs.items() if k[:2] in (lvae, best_lk_model)]
+    n = lk_images(pair)
+    k = next((r.last("iw_k") for r in pair if r is not None and r.last("iw_k")), None)
+
+    def row(key: str, model: tuple | None, metric: str) -> dict[str, Any]:
         ref = paper.get(key)
-        if metric == "test_LK":
-            lk = best_lk(run, n_common) or {}
-            value, se = lk.get("value"), lk.get("se")
-            what = f"L{lk['k']} on {lk['n']:,}" if lk else "—"
-        else:
-            value, se = final(run, metric), final(run, metric + "_se")
-            what = f"L1 on {final(run, 'n_test'):,}" if value is not None else "—"
-        return {"quantity": ref.what, "paper model": ref.model, "paper": ref.value, "source": ref.source,
-                "our model": "—" if ours_key is None else model_label(run, _fmt_model(ours_key)), "ours": value,
-                "± s.e.": se, "ours ± s.e.": value if se is None else (value, f"± {se:.2f}"),
-                "measured as": what, "gap": None if value is None else value - ref.value}
+        sm = seed_mean(runs, *model, metric, n if metric == "test_LK" else None) if model else None
+        value = None if sm is None else sm.value
+        n_test = final(_any_run(runs, model), "n_test") or 0
+        what = _lk_label(k, n) if metric == "test_LK" else f"L1 ({n_test:,} images)"
+        return {"key": key, "quantity": ref.what, "paper model": ref.model, "paper": ref.value, "source": ref.source,
+                "our model": "—" if model is None else _fmt_model(model), "model": model, "estimate": sm,
+                "value": value, "ours": None if sm is None else sm.cell(), "seeds": 0 if sm is None else sm.n_seeds,
+                "measured as": what if value is not None else "—", "k": k if metric == "test_LK" else 1,
+                "n": n if metric == "test_LK" else final(_any_run(runs, model), "n_test"),
+                "gap": None if value is None else value - ref.value}
 
-    lkey = ("lvae_bn_wu", max_depth, 0)
-    return [
-        row("mnist_lvae5_test_L1", lkey, lvae, "test_L1"),
-        row("mnist_best_vae_test_L1", best_l1[0], best_l1[1], "test_L1"),
-        row("mnist_lvae5_test_L5000", lkey, lvae, "test_LK"),
-        row("mnist_best_vae_test_L5000", best_lk_run[0], best_lk_run[1], "test_LK"),
-        row("t1_lvae5", lkey, lvae, "test_LK"),
-    ]
+    return {
+        "mnist_lvae5_test_L1": row("mnist_lvae5_test_L1", lvae, "test_L1"),
+        "mnist_best_vae_test_L1": row("mnist_best_vae_test_L1", best_l1, "test_L1"),
+        "mnist_lvae5_test_L5000": row("mnist_lvae5_test_L5000", lvae, "test_LK"),
+        "mnist_best_vae_test_L5000": row("mnist_best_vae_test_L5000", best_lk_model, "test_LK"),
+        "t1_lvae5": row("t1_lvae5", lvae, "test_LK"),
+    }
+
+
+def _any_run(runs: dict, model: tuple | None):
+    return next((r for k, r in sorted(runs.items(), key=lambda kv: kv[0][2]) if model and k[:2] == model
+                 and r is not None and r.ok), None)
 
 
 # -- data and model passes -----------------------------------------------------------------------
@@ -264,33 +478,74 @@ def layer_split(run) -> LayerSplit:
 
 
 # -- table rows for the chapters -----------------------------------------------------------------
-HEADLINE_COLUMNS = ("quantity", "paper model", "paper", "our model", "ours ± s.e.", "gap", "measured as")
+HEADLINE_COLUMNS = ("quantity", "paper model", "paper", "our model", "ours", "gap", "measured as")
+CI_NOTE = ("Ours: mean over the seeds ± half-width of its 95 % CI over the seeds (Student t); 's.e. (images)': "
+           "the standard error over the test images; with 1 seed only the latter is known.")
 
 
 def grid_rows(runs: dict, variants: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per run of the grid (variant order as given, then depth): the Fig 3 numbers."""
-    k = next((r.last("iw_k") for r in runs.values() if r.last("iw_k")), None)
+    """One row per model (variant order as given, then depth) of the grid: the Fig 3 numbers, each the
+    mean over every seed in ``runs`` (:class:`SeedMean` cells); L_K on the test images all runs have."""
+    n = lk_images(runs.values())
+    k = next((r.last("iw_k") for r in runs.values() if r is not None and r.last("iw_k")), None)
+    seeds = sorted({key[2] for key in runs})
     rows = []
-    for (v, d, _s), run in sorted(runs.items(), key=lambda kv: (list(variants).index(kv[0][0]), kv[0][1])):
-        rows.append({"model": model_label(run, VARIANTS[v]["label"]), "layers": d, "train L1": final(run, "train_L1"),
-                     "test L1": final(run, "test_L1"), f"test L{k}": final(run, "test_LK"),
-                     "± s.e.": final(run, "test_LK_se"), "active units": sum(final(run, "active_units") or []),
-                     "epochs": run.epochs})
+    for v in variants:
+        for d in sorted({key[1] for key in runs if key[0] == v}):
+            cells = {m: seed_mean(runs, v, d, m, n if m == "test_LK" else None)
+                     for m in ("train_L1", "test_L1", "test_LK", "active_units")}
+            epochs = sorted({r.epochs for key, r in runs.items() if key[:2] == (v, d) and r is not None and r.ok})
+            rows.append({"model": VARIANTS[v]["label"], "layers": d,
+                         "seeds": seeds_cell(list(cells.values()), len(seeds)),
+                         "train L1": cells["train_L1"].cell(seeds=False), "test L1": cells["test_L1"].cell(seeds=False),
+                         f"test {_lk_label(k, n)}": cells["test_LK"].cell(seeds=False),
+                         "active units": cells["active_units"].cell("{:.1f}", seeds=False),
+                         "epochs": ", ".join(map(str, epochs)) or "—"})
     return rows
 
 
-def active_unit_rows(runs: dict, variants: Sequence[str], depth: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Active units per layer (and in total) of each variant at ``depth``."""
+def active_unit_counts(runs: dict, variants: Sequence[str], depth: int,
+                       kl_units: dict[Key, Sequence[Sequence[float]]] | None = None) -> dict[str, list[SeedMean]]:
+    """{variant: [active units of z1, ..., z_depth, total]} as :class:`SeedMean` over every seed in
+    ``runs``; the per-unit KL of each run is ``kl_units[key]`` where given (e.g. recomputed from the
+    weights, :func:`kl_units_from_weights`), else the one stored by training."""
+    seeds = sorted({k[2] for k in runs})
+    out = {}
+    for v in variants:
+        per_seed: dict[int, list[int]] = {}
+        missing = {}
+        for s in seeds:
+            key = (v, depth, s)
+            kl = (kl_units or {}).get(key)
+            if kl is None:
+                kl = final(runs.get(key), "kl_units")
+            if kl is None:
+                missing[s] = run_state(runs.get(key))
+                continue
+            act = active_units(kl)
+            per_seed[s] = act + [sum(act)]
+        n_cols = depth + 1
+        out[v] = [SeedMean("active_units", {s: float(a[i]) for s, a in per_seed.items()}, missing,
+                           mean_ci([a[i] for a in per_seed.values()]) if per_seed else None, None, None)
+                  for i in range(n_cols)]
+    return out
+
+
+def active_unit_rows(runs: dict, variants: Sequence[str], depth: int,
+                     kl_units: dict[Key, Sequence[Sequence[float]]] | None = None) -> list[dict[str, Any]]:
+    """Active units per layer (and in total) of each variant at ``depth``, mean over the seeds
+    (see :func:`active_unit_counts`); layer sizes in the column names."""
+    from .experiments import run_config
+
+    counts = active_unit_counts(runs, variants, depth, kl_units)
+    sizes = run_config(variants[0], depth).model.latent_sizes if variants else ()
     rows = []
     for v in variants:
-        kl = final(runs[(v, depth, seed)], "kl_units")
-        if kl is None:
-            rows.append({"model": model_label(runs[(v, depth, seed)], f"{VARIANTS[v]['label']} {depth}-layer")})
-            continue
-        act = active_units(kl)
+        cols = counts[v]
         rows.append({"model": f"{VARIANTS[v]['label']} {depth}-layer",
-                     **{f"z{i + 1} ({len(k)})": a for i, (k, a) in enumerate(zip(kl, act))},
-                     "total": sum(act), "of": sum(len(k) for k in kl)})
+                     "seeds": seeds_cell(cols[-1:], len({k[2] for k in runs})),
+                     **{f"z{i + 1} ({d})": cols[i].text("{:.1f}") for i, d in enumerate(sizes)},
+                     "total": cols[-1].text("{:.1f}"), "of": sum(sizes)})
     return rows
 
 
@@ -298,26 +553,39 @@ TABLE1_KEYS = ("t1_vae1_nf", "t1_iwae2_iw1", "t1_iwae2_iw50", "t1_vae2_vgp", "t1
                "t1_lvae5_ft_iw10")
 
 
-def table1_rows(lvae_run, finetune_run=None) -> list[dict[str, Any]]:
-    """Table 1 of the paper with ours where we have a run: the LVAE row (and finetuning rows if
-    a finetuning run exists); other papers' models are shown as the paper's numbers only."""
-    ours = {"t1_lvae5": lvae_run, "t1_lvae5_ft": finetune_run, "t1_lvae5_ft_iw10": finetune_run}
+def table1_rows(runs: dict, depth: int, finetune_run=None) -> list[dict[str, Any]]:
+    """Table 1 of the paper with ours where we have runs: the LVAE row (mean over every seed of
+    ``lvae_bn_wu`` at ``depth`` in ``runs``, L_K on the test images all of them have) and the
+    finetuning rows if a finetuning run exists; other papers' models are the paper's numbers only."""
+    lvae_runs = {k: r for k, r in runs.items() if k[:2] == ("lvae_bn_wu", depth)}
+    n = lk_images(lvae_runs.values())
+    lvae = seed_mean(runs, "lvae_bn_wu", depth, "test_LK", n)
+    k = next((r.last("iw_k") for r in lvae_runs.values() if r is not None and r.last("iw_k")), None)
+    ft = seed_mean({("ft", depth, 0): finetune_run}, "ft", depth, "test_LK") if finetune_run is not None else None
+    ft_lk = best_lk(finetune_run) or {}
     rows = []
     for key in TABLE1_KEYS:
         ref = paper.get(key)
-        r = ours.get(key)
-        lk = best_lk(r) or {}
-        value = lk.get("value")
-        if key not in ours:
-            status = "other paper's model"
-        elif r is None:
-            status = "not run (needs the finetuning run)"
+        if key == "t1_lvae5":
+            status = (f"LVAE+BN+WU {depth}-layer: {_lk_label(k, n)}",
+                      *(f"seed {s}: {w}" for s, w in lvae.missing.items()))
+            est = lvae
+        elif key in ("t1_lvae5_ft", "t1_lvae5_ft_iw10"):
+            est = ft
+            status = "not run (needs the finetuning run)" if ft is None else \
+                (f"{finetune_run.name}: {_lk_label(ft_lk.get('k'), ft_lk.get('n'))}" if ft.value is not None
+                 else model_label(finetune_run, finetune_run.name))
         else:
-            status = f"{r.name}: L{lk['k']} on {lk['n']:,} test images" if lk else model_label(r, r.name)
-        rows.append({"model": ref.model, "paper": ref.value, "ours": value,
-                     "± s.e.": lk.get("se"),
+            est, status = None, "other paper's model"
+        value = None if est is None else est.value
+        rows.append({"key": key, "model": ref.model, "paper": ref.value,
+                     "ours": None if est is None or value is None else est.cell(),
+                     "seeds": None if est is None else est.n_seeds, "estimate": est,
                      "gap": None if value is None else value - ref.value, "ours: run": status})
     return rows
+
+
+TABLE1_COLUMNS = ("model", "paper", "ours", "gap", "ours: run")
 
 
 def table2_rows() -> list[dict[str, Any]]:
@@ -349,16 +617,18 @@ def profile_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def registry_rows(root=None) -> list[dict[str, Any]]:
-    """The run registry (``lvae runs``) with provenance; a run's status is shown when it is not complete."""
+def registry_rows(root=None, runs=None) -> list[dict[str, Any]]:
+    """The run registry (``lvae runs``) with provenance, or only ``runs`` (e.g. the values of
+    ``grid_runs(P)``: the runs the book read); a run's status is shown when it is not complete."""
     from .runs import list_runs
 
     rows = []
-    for r in list_runs(root):
+    for r in (list_runs(root) if runs is None else sorted(runs, key=lambda r: r.name)):
         prov = r.provenance
         epochs = r.epochs if r.status == "complete" else f"{r.epochs} ({r.status})"
+        lk = final(r, "test_LK")
         rows.append({"run": r.name, "epochs": epochs, "test L1": final(r, "test_L1"),
-                     "test LK": final(r, "test_LK"), "K": final(r, "iw_k"),
+                     "test L_K": None if lk is None else (lk, _lk_label(final(r, "iw_k"), final(r, "n_iw"))),
                      "wall [min]": (prov.get("wall_seconds") or 0) / 60, "device": short_device(prov.get("device")),
                      "commit": (prov.get("git_commit") or "—")[:7]})
     return rows
@@ -447,15 +717,175 @@ def benchmark_summary(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, An
 
 
 def best_depths(runs: dict, metric: str = "test_L1") -> dict[str, int]:
-    """The depth with the best final ``metric`` for each variant."""
+    """The depth with the best mean over the seeds of the final ``metric`` for each variant."""
     table = grid_table(runs, metric)
-    return {v: max((d for d in t if t[d] is not None), key=lambda d: t[d]) for v, t in table.items()}
+    return {v: max(ds, key=lambda d: t[d]) for v, t in table.items() if (ds := [d for d in t if t[d] is not None])}
 
 
 def upper_layer_share(kl_layers: Sequence[float]) -> float:
     """Percentage of the KL carried by the layers above z1 (Fig 5)."""
     total = float(sum(kl_layers))
     return 100.0 * float(sum(kl_layers[1:])) / total if total > 0 else 0.0
+
+
+def has_weights(run) -> bool:
+    """Whether a run's trained weights are in the registry (:meth:`lvae.runs.Run.load_model` works)."""
+    from .runs import CHECKPOINT, WEIGHTS_FP16
+
+    return run is not None and run.ok and any((run.path / f).exists() for f in (CHECKPOINT, WEIGHTS_FP16))
+
+
+def kl_units_from_weights(run, x: torch.Tensor, samples: int | None = None, batch_size: int = 1000,
+                          seed: int = 0) -> list[np.ndarray]:
+    """Per-layer, per-unit KL(q||p) on the images ``x`` of a run's final weights, computed now with
+    :func:`lvae.bounds.kl_per_unit`: closed form where q and p are both Gaussians given the samples,
+    averaged over ``samples`` (default :data:`lvae.bounds.KL_SAMPLES`) posterior samples per image.
+    Training stored a one-sample estimate for the VAE's lower layers; this is the number to compare."""
+    from .bounds import KL_SAMPLES, kl_per_unit
+
+    model = run.load_model()
+    g = torch.Generator().manual_seed(seed)
+    total = None
+    for s in range(0, len(x), batch_size):
+        xb = x[s:s + batch_size]
+        kl = [k.double() * len(xb) for k in kl_per_unit(model, xb, True, g, samples or KL_SAMPLES)]
+        total = kl if total is None else [a + b for a, b in zip(total, kl)]
+    return [(t / len(x)).numpy() for t in total]
+
+
+def layer_kl(runs: dict, variants: Sequence[str], depth: int,
+             kl_units: dict[Key, Sequence[Sequence[float]]] | None = None) -> dict[str, dict[str, Any]]:
+    """{variant: {"layers": KL per layer (mean over the seeds), "upper": :class:`SeedMean` of the
+    percentage above z1 (Fig 5), "recomputed": seeds whose KL came from ``kl_units``}}; a run's
+    per-unit KL is ``kl_units[key]`` where given, else the one stored by training."""
+    seeds = sorted({k[2] for k in runs})
+    out = {}
+    for v in variants:
+        per, missing, recomputed = {}, {}, []
+        for s in seeds:
+            key = (v, depth, s)
+            kl = (kl_units or {}).get(key)
+            if kl is not None:
+                recomputed.append(s)
+            else:
+                kl = final(runs.get(key), "kl_units")
+            if kl is None:
+                missing[s] = run_state(runs.get(key))
+                continue
+            per[s] = [float(np.sum(layer)) for layer in kl]
+        shares = {s: upper_layer_share(lay) for s, lay in per.items()}
+        out[v] = {"layers": np.mean(list(per.values()), axis=0).tolist() if per else None,
+                  "upper": SeedMean("upper_share", shares, missing,
+                                    mean_ci(list(shares.values())) if shares else None, None, None),
+                  "recomputed": recomputed}
+    return out
+
+
+# -- the longer budgets ----------------------------------------------------------------------------
+BUDGET_VARIANTS = ("lvae_bn_wu", "vae_bn_wu", "lvae_bn", "lvae_wu")  # the depth-5 pair and the Fig 7 ablations
+
+
+def budget_runs(depth: int, variants: Sequence[str] = BUDGET_VARIANTS, dataset: str = "mnist",
+                root=None) -> dict[str, dict[Key, Any]]:
+    """Every profile of profiles.yml with at least one run in the registry of a model (variant,
+    ``depth``) of ``variants``: {profile name: {(variant, depth, seed): run or None, for the
+    profile's seeds}}, in the file's order. Read-only: a missing run is None (so is a complete run
+    of the same configuration trained for other than the profile's epochs), a partial run is
+    returned as it is. Runs of profiles added later (e.g. the paper's budget, imported) appear
+    here without any change to the caller."""
+    from .profiles import available, load_profile
+
+    out = {}
+    for name in available():
+        p = load_profile(name)
+        if p.dataset != dataset or depth not in p.depths:
+            continue
+        vs = [v for v in variants if v in p.variants]
+        runs = profile_runs(p, root, vs, (depth,)) if vs else {}
+        # a complete run of the same configuration trained for another number of epochs belongs to
+        # another budget (the registry keys runs by configuration, not by epochs)
+        runs = {k: None if r is not None and r.ok and r.epochs != p.epochs else r for k, r in runs.items()}
+        if any(r is not None for r in runs.values()):
+            out[name] = runs
+    return out
+
+
+def budget_rows(budgets: dict[str, dict[Key, Any]], variants: Sequence[str] = BUDGET_VARIANTS) -> list[dict[str, Any]]:
+    """One row per model and budget (:func:`budget_runs`): means over the seeds with their 95 % CI,
+    the seeds with a number of the seeds the profile lists, and why the others have none."""
+    from .profiles import load_profile
+
+    rows = []
+    for v in variants:
+        for name, runs in budgets.items():
+            keys = [k for k in runs if k[0] == v]
+            if not keys:
+                continue
+            p = load_profile(name)
+            depth = keys[0][1]
+            mine = {k: runs[k] for k in keys}
+            n = lk_images(mine.values())
+            k = next((r.last("iw_k") for r in mine.values() if r is not None and r.last("iw_k")), p.iw_samples)
+            cells = {m: seed_mean(mine, v, depth, m, n if m == "test_LK" else None, p.seeds)
+                     for m in ("train_L1", "test_L1", "test_LK")}
+            lk = cells["test_LK"]
+            rows.append({"model": f"{VARIANTS[v]['label']} {depth}-layer", "profile": name,
+                         "epochs": f"{p.epochs} (warm-up {p.warmup_epochs})",
+                         "seeds": seeds_cell(list(cells.values()), len(p.seeds)),
+                         "train L1": cells["train_L1"].cell(seeds=False), "test L1": cells["test_L1"].cell(seeds=False),
+                         "test L_K": (_lk_label(k, n), *_tuple(lk.cell(seeds=False))) if lk.value is not None else None,
+                         "key": (v, depth, name)})
+    return rows
+
+
+BUDGET_COLUMNS = ("model", "profile", "epochs", "seeds", "train L1", "test L1", "test L_K")
+
+
+def budget_differences(budgets: dict[str, dict[Key, Any]], a: str = "lvae_bn_wu", b: str = "vae_bn_wu"
+                       ) -> list[dict[str, Any]]:
+    """Model ``a`` minus model ``b`` (variants at the budgets' depth) per budget (:func:`budget_runs`),
+    on test L1 and on L_K over the test images all their seeds have (:func:`difference`): paired
+    image by image where the runs stored per-image values. A budget where a side has no finished
+    run says so."""
+    from .profiles import load_profile
+
+    rows = []
+    for name, runs in budgets.items():
+        depth = next(iter(runs))[1]
+        p = load_profile(name)
+        mine = {k: r for k, r in runs.items() if k[0] in (a, b)}
+        n = lk_images(mine.values())
+        k = next((r.last("iw_k") for r in mine.values() if r is not None and r.last("iw_k")), p.iw_samples)
+        d1 = difference(mine, (a, depth), (b, depth), "test_L1")
+        dk = difference(mine, (a, depth), (b, depth), "test_LK", n) if n else None
+        seeds = [seed_mean(mine, v, depth, "test_L1", seeds=p.seeds) for v in (a, b)]
+        rows.append({"profile": name, "epochs": p.epochs, "seeds": seeds_cell(seeds, len(p.seeds), min),
+                     "test L1": None if d1 is None else d1.text(),
+                     "test L_K": None if dk is None else (_lk_label(k, n), dk.text()),
+                     "estimates": {"test_L1": d1, "test_LK": dk}})
+    return rows
+
+
+def _tuple(cell) -> tuple:
+    return cell if isinstance(cell, tuple) else (cell,)
+
+
+def learning_curves(budgets: dict[str, dict[Key, Any]], variants: Sequence[str] = ("lvae_bn_wu", "vae_bn_wu")
+                    ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Train and test L1 over epochs (paper Fig 2) of every run of ``variants`` in ``budgets``:
+    {profile: {variant: [{"seed", "epochs", "train", "test", "state"}]}}; a partial run's curve
+    ends at its last evaluation and its state says so ("partial, 16 of 30 epochs")."""
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name, runs in budgets.items():
+        for (v, _d, s), run in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][2])):
+            if v not in variants or run is None:
+                continue
+            e_train, train = history(run, "train_L1")
+            e_test, test = history(run, "test_L1")
+            out.setdefault(name, {}).setdefault(v, []).append(
+                {"seed": s, "epochs": e_train, "train": train, "test_epochs": e_test, "test": test,
+                 "state": "complete" if run.ok else run_state(run)})
+    return out
 
 
 def finetune_run(profile, variant: str = "lvae_bn_wu", depth: int | None = None):

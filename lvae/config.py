@@ -1,14 +1,17 @@
 """Typed configuration of a model and of a training run.
 
-Every choice that PROTOCOL.md lists as an ambiguity between the paper and the authors' code is a
-field here, so that the book can show it as an ablation. Defaults follow PROTOCOL.md section 7:
-the authors' code where it produced the numbers, the paper where the code is a quirk.
+Every choice on which the paper and the authors' code differ is a field here, so that the book
+can show it as an ablation. Defaults follow the authors' code where it produced the numbers and the
+paper where the code is a quirk; book/protocol.md gives the source of every default
+(:data:`lvae.protocol.SOURCES`).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,25 +26,65 @@ PAPER_HIDDEN_SIZES = (512, 256, 128, 64, 32)
 
 
 class ConfigError(ValueError):
-    """An invalid configuration; the message names the field and the fix."""
+    """An invalid configuration; the message names the field and the fix.
+
+    When one field's value is at fault, ``owner`` (the config class name), ``field``, ``value`` and
+    ``reason`` (the message after ``field=value``) are set, so that a front end can name the value
+    in its own terms (the command line: ``--eval-iw-chunk 0 must be >= 1 ...``).
+    """
+
+    def __init__(self, message: str, *, owner: str | None = None, field: str | None = None, value: Any = None,
+                 reason: str | None = None) -> None:
+        super().__init__(message)
+        self.owner, self.field, self.value, self.reason = owner, field, value, reason
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+def _invalid(obj: Any, name: str, reason: str) -> ConfigError:
+    """The error for field ``name`` of config ``obj``: ``name=value reason``."""
+    value = getattr(obj, name)
+    return ConfigError(f"{name}={value!r} {reason}", owner=type(obj).__name__, field=name, value=value, reason=reason)
 
 
-def _check_sizes(name: str, sizes: tuple[int, ...]) -> None:
+def _check_choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(obj, name) not in choices:
+        raise _invalid(obj, name, f"is not valid; choose one of {', '.join(map(repr, choices))}")
+
+
+def _check_sizes(obj: Any, name: str) -> None:
+    sizes = getattr(obj, name)
     if len(sizes) == 0:
-        raise ConfigError(f"{name} is empty; give at least one layer size, e.g. {name}=(64,)")
+        raise _invalid(obj, name, "is empty; give at least one layer size, e.g. (64,)")
     for s in sizes:
         if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
-            raise ConfigError(f"{name}={sizes!r}: every size must be a positive integer")
+            raise _invalid(obj, name, "has a size that is not a positive integer")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_positive_int(obj: Any, name: str, optional: bool = False, hint: str = "") -> None:
+    v = getattr(obj, name)
+    if optional and v is None:
+        return
+    if not _is_int(v) or v < 1:
+        raise _invalid(obj, name, f"must be a positive integer{' or None' if optional else ''}{hint}")
+
+
+def _check_finite(obj: Any, *names: str) -> None:
+    """Every float field must be a finite number: nan or inf would switch a check off silently
+    (clip_norm=nan disables clipping) or make every step non-finite (lr=inf)."""
+    for name in names:
+        v = getattr(obj, name)
+        for x in v if isinstance(v, tuple) else (v,):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                default = obj.__dataclass_fields__[name].default
+                raise _invalid(obj, name, f"must be a finite number (default {default})")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a VAE / LVAE (paper section 2, PROTOCOL.md section 1).
+    """Architecture of a VAE / LVAE (paper sections 2 and 3; book/protocol.md).
 
     ``latent_sizes`` and ``hidden_sizes`` are ordered bottom (z_1, next to x) to top (z_L).
     ``hidden_sizes[i]`` is the width of the two-layer MLP that computes the distribution of
@@ -65,25 +108,22 @@ class ModelConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "latent_sizes", tuple(self.latent_sizes))
         object.__setattr__(self, "hidden_sizes", tuple(self.hidden_sizes))
-        if isinstance(self.x_dim, bool) or not isinstance(self.x_dim, int) or self.x_dim <= 0:
-            raise ConfigError(f"x_dim={self.x_dim!r} must be a positive integer (784 for MNIST)")
-        _check_sizes("latent_sizes", self.latent_sizes)
-        _check_sizes("hidden_sizes", self.hidden_sizes)
+        _check_positive_int(self, "x_dim", hint=" (784 for MNIST)")
+        _check_sizes(self, "latent_sizes")
+        _check_sizes(self, "hidden_sizes")
         if len(self.latent_sizes) != len(self.hidden_sizes):
-            raise ConfigError(
-                f"latent_sizes has {len(self.latent_sizes)} layers but hidden_sizes has "
-                f"{len(self.hidden_sizes)}; give one hidden size per stochastic layer"
-            )
-        _check_choice("inference", self.inference, INFERENCE)
-        _check_choice("likelihood", self.likelihood, LIKELIHOODS)
-        _check_choice("nonlinearity", self.nonlinearity, NONLINEARITIES)
-        _check_choice("up_input", self.up_input, UP_INPUTS)
-        if self.mlp_layers < 1:
-            raise ConfigError(f"mlp_layers={self.mlp_layers} must be >= 1")
+            raise _invalid(self, "hidden_sizes", f"has {len(self.hidden_sizes)} layer(s) but latent_sizes has "
+                                                 f"{len(self.latent_sizes)}; give one hidden size per stochastic layer")
+        _check_choice(self, "inference", INFERENCE)
+        _check_choice(self, "likelihood", LIKELIHOODS)
+        _check_choice(self, "nonlinearity", NONLINEARITIES)
+        _check_choice(self, "up_input", UP_INPUTS)
+        _check_positive_int(self, "mlp_layers")
+        _check_finite(self, "leak", "var_eps")
         if not (0.0 <= self.leak < 1.0):
-            raise ConfigError(f"leak={self.leak} must be in [0, 1)")
+            raise _invalid(self, "leak", "must be in [0, 1)")
         if self.var_eps < 0:
-            raise ConfigError(f"var_eps={self.var_eps} must be >= 0")
+            raise _invalid(self, "var_eps", "must be >= 0")
 
     @property
     def n_layers(self) -> int:
@@ -100,7 +140,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and data protocol (PROTOCOL.md sections 2-4).
+    """Optimisation and data protocol (paper section 3; book/protocol.md).
 
     ``epochs`` is deliberately absent: a run is identified by everything that shapes its
     trajectory, and the registry extends a run to as many epochs as asked for.
@@ -129,22 +169,27 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
         for name in ("batch_size", "eq_samples", "iw_samples"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name}={v!r} must be a positive integer")
-        if self.subset is not None and self.subset < 1:
-            raise ConfigError(f"subset={self.subset} must be a positive integer or None")
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be >= 0 (0 = no warm-up)")
+            _check_positive_int(self, name)
+        _check_positive_int(self, "subset", optional=True)
+        if not _is_int(self.warmup_epochs) or self.warmup_epochs < 0:
+            raise _invalid(self, "warmup_epochs", "must be an integer >= 0 (0 = no warm-up)")
+        _check_finite(self, "lr", "adam_betas", "adam_eps", "clip_norm", "clip_value", "lr_decay")
         if not self.lr > 0:
-            raise ConfigError(f"lr={self.lr} must be > 0")
+            raise _invalid(self, "lr", "must be > 0")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise _invalid(self, "adam_betas", "must be two numbers in [0, 1) (the default: 0.9, 0.999)")
+        if not self.adam_eps > 0:
+            raise _invalid(self, "adam_eps", "must be > 0")
+        for name in ("clip_norm", "clip_value"):
+            if getattr(self, name) < 0:
+                raise _invalid(self, name, "must be >= 0 (0 = off)")
         if not 0 < self.lr_decay <= 1:
-            raise ConfigError(f"lr_decay={self.lr_decay} must be in (0, 1]")
-        _check_choice("precision", self.precision, PRECISIONS)
+            raise _invalid(self, "lr_decay", "must be in (0, 1]")
+        _check_choice(self, "precision", PRECISIONS)
         if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile={self.compile!r} must be True or False")
-        if self.lr_decay_every < 0:
-            raise ConfigError(f"lr_decay_every={self.lr_decay_every} must be >= 0")
+            raise _invalid(self, "compile", "must be True or False")
+        if not _is_int(self.lr_decay_every) or self.lr_decay_every < 0:
+            raise _invalid(self, "lr_decay_every", "must be an integer >= 0 (0 = no decay)")
 
 
 @dataclass(frozen=True)
@@ -162,9 +207,13 @@ class EvalConfig:
     bn_stats: str = "recompute"  # "recompute": BN population stats over train_subset | "running"
 
     def __post_init__(self) -> None:
-        if self.every < 1 or self.iw_samples < 1 or self.iw_every < 0 or self.iw_chunk < 1:
-            raise ConfigError("EvalConfig: every, iw_samples, iw_chunk must be >= 1 and iw_every >= 0")
-        _check_choice("bn_stats", self.bn_stats, ("recompute", "running"))
+        for name in ("every", "iw_samples", "iw_chunk"):
+            _check_positive_int(self, name)
+        if not _is_int(self.iw_every) or self.iw_every < 0:
+            raise _invalid(self, "iw_every", "must be an integer >= 0 (0 = only at the last epoch)")
+        for name in ("test_subset", "iw_subset", "train_subset"):
+            _check_positive_int(self, name, optional=True)
+        _check_choice(self, "bn_stats", ("recompute", "running"))
 
 
 @dataclass(frozen=True)

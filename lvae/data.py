@@ -1,7 +1,7 @@
 """Datasets for the Ladder VAE replication: MNIST, OMNIGLOT (IWAE split), small NORB.
 
-Protocol (paper section 4 / ``PROTOCOL.md`` section 4)
-------------------------------------------------------
+Protocol (paper section 3; ``book/protocol.md``)
+------------------------------------------------
 * **MNIST** -- all 60,000 training images (the original 50k train + 10k
   validation joined), grey values scaled to [0, 1].  Bernoulli likelihood.
 * **OMNIGLOT** -- the 28x28 IWAE split (``chardata.mat``: 24,345 train /
@@ -664,6 +664,13 @@ def fetch_mnist(data_dir: str | os.PathLike[str] | None = None) -> Path:
     target = _resolve_data_dir(data_dir) / "mnist"
     missing = [name for name in MNIST_FILES if not (target / name).is_file()]
     if missing:
+        folder = next(p for p in (target, *target.parents) if p.exists() or p == p.parent)
+        if not os.access(folder, os.W_OK):  # a read-only cache: nothing can be fetched into it
+            raise DataUnavailableError(
+                f"MNIST is incomplete in {target} (missing: {', '.join(missing)}) and {folder} is read-only, so "
+                f"nothing can be fetched into it. Fix: copy the missing files there, make {folder} writable, or "
+                f"set {DATA_DIR_ENV} to a writable directory."
+            )
         target.mkdir(parents=True, exist_ok=True)
         tried: list[str] = []
         dead_hosts: set[str] = set()

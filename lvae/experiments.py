@@ -17,7 +17,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "vae_bn": {"label": "VAE+BN", "inference": "bottom_up", "batch_norm": True, "warmup": False},
     "vae_bn_wu": {"label": "VAE+BN+WU", "inference": "bottom_up", "batch_norm": True, "warmup": True},
     "lvae_bn_wu": {"label": "LVAE+BN+WU", "inference": "ladder", "batch_norm": True, "warmup": True},
+    # the LVAE ablations of Fig 7 (appendix A)
+    "lvae_bn": {"label": "LVAE+BN", "inference": "ladder", "batch_norm": True, "warmup": False},
+    "lvae_wu": {"label": "LVAE+WU", "inference": "ladder", "batch_norm": False, "warmup": True},
 }
+FIG3_VARIANTS = ("vae", "vae_bn", "vae_bn_wu", "lvae_bn_wu")  # the four models of Fig 3 and Table 2
 DEPTHS = (1, 2, 3, 4, 5)
 
 
@@ -48,7 +52,7 @@ def grid(name: str, dataset: str = "mnist", depths: tuple[int, ...] = DEPTHS,
     """Named grids: ``fig3`` = every variant x every depth (20 models)."""
     if name != "fig3":
         raise ConfigError(f"unknown grid {name!r}; known: 'fig3'")
-    return [run_config(v, d, dataset=dataset, **kwargs) for v in (variants or tuple(VARIANTS)) for d in depths]
+    return [run_config(v, d, dataset=dataset, **kwargs) for v in (variants or FIG3_VARIANTS) for d in depths]
 
 
 def finetune_config(parent: RunConfig, parent_epochs: int, lr_decay: float = 0.75, lr_decay_every: int = 200,

@@ -120,7 +120,7 @@ class GenerativeModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, top: torch.Tensor | None = None):
-        """Ancestral samples: returns (zs bottom-to-top, mean of p(x|z_1)) (paper Fig 10)."""
+        """Ancestral samples: returns (zs bottom-to-top, mean of p(x|z_1)) (paper Figs 9-10)."""
         dev = next(self.parameters()).device
         z = torch.randn(n, self.latent_sizes[-1], device=dev, generator=generator) if top is None else top
         zs = [z]
@@ -231,6 +231,24 @@ class HierarchicalVAE(nn.Module):
             raise TypeError(f"x has dtype {x.dtype} but the model computes in {dtype}; "
                             f"convert it with x.to({dtype}) (pixel values in [0, 1])")
 
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse what no bound is defined for: a wrong shape or dtype, NaN/inf, and for the
+        Bernoulli likelihood values outside [0, 1] (pixel intensities; the Gaussian likelihood
+        takes any finite value). One host sync: the public entry points (:mod:`lvae.bounds`,
+        :meth:`log_joint`, :meth:`sample_posterior`) call it, the training loop does not."""
+        self._check_x(x)
+        if not x.numel():
+            return
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            raise ValueError(f"x contains {int((~finite).sum())} NaN or infinite value(s); clean the data first, "
+                             f"e.g. drop those images or x.nan_to_num()")
+        if self.config.likelihood == "bernoulli":
+            lo, hi = (float(v) for v in torch.aminmax(x))
+            if lo < 0 or hi > 1:
+                raise ValueError(f"x must hold pixel values in [0, 1] for the Bernoulli likelihood, got values in "
+                                 f"[{lo:g}, {hi:g}]; scale the images to [0, 1], e.g. x / 255")
+
     def _check_zs(self, x: torch.Tensor, zs: list[torch.Tensor]) -> None:
         sizes = self.config.latent_sizes
         got = [tuple(z.shape) for z in zs]
@@ -258,12 +276,13 @@ class HierarchicalVAE(nn.Module):
     # -- public API ---------------------------------------------------------------------------------
     def log_joint(self, x: torch.Tensor, zs: list[torch.Tensor]) -> torch.Tensor:
         """log p(x, z_1..z_L) per example, ``zs`` bottom (z_1) to top (z_L), each ``[B, d_i]``."""
-        self._check_x(x)
+        self.check_input(x)
         self._check_zs(x, zs)
         return self.generative.log_joint(x, zs)
 
     def sample_posterior(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None):
         """(zs, log_q): ``zs`` a list of ``[k, B, d_i]`` bottom to top, ``log_q`` ``[k, B]``."""
+        self.check_input(x)
         p = self.forward(x, k, generator)
         return p.zs, p.log_q
 

@@ -31,9 +31,9 @@ _TABLE1 = [  # MNIST test, <= log p(x)
 
 _TEXT = [  # MNIST, section 3 (Fig 3)
     ("mnist_lvae5_test_L1", -85.23, "test L1", "LVAE+BN+WU 5-layer"),
-    ("mnist_best_vae_test_L1", -87.49, "test L1", "VAE+BN+WU 3-layer (best VAE)"),
+    ("mnist_best_vae_test_L1", -87.49, "test L1", "best VAE, 3-layer (VAE+BN+WU by context)"),
     ("mnist_lvae5_test_L5000", -82.12, "test L5000", "LVAE+BN+WU 5-layer"),
-    ("mnist_best_vae_test_L5000", -82.74, "test L5000", "VAE+BN+WU (best VAE)"),
+    ("mnist_best_vae_test_L5000", -82.74, "test L5000", "best VAE (depth, variant not stated)"),
     ("omniglot_best_iwae", -103.38, "test log-likelihood", "IWAE [Burda et al.] (best)"),
 ]
 

@@ -6,7 +6,7 @@ only call them. Colours and markers are fixed per model variant so figures agree
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -20,6 +20,8 @@ STYLE = {
     "vae_bn": {"color": "#1f77b4", "marker": "s"},
     "vae_bn_wu": {"color": "#2ca02c", "marker": "^"},
     "lvae_bn_wu": {"color": "#d62728", "marker": "D"},
+    "lvae_bn": {"color": "#9467bd", "marker": "v"},
+    "lvae_wu": {"color": "#ff7f0e", "marker": "P"},
 }
 plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100, "axes.spines.top": False,
                      "axes.spines.right": False, "font.size": 10})
@@ -30,15 +32,19 @@ def label(variant: str) -> str:
     return VARIANTS[variant]["label"] if variant in VARIANTS else variant
 
 
-def curves_vs_depth(panels: dict[str, dict[str, dict[int, float | None]]], paper_marks: dict[str, list] | None = None,
+def curves_vs_depth(panels: dict[str, dict[str, dict[int, Any]]], paper_marks: dict[str, list] | None = None,
                     ylabel: str = "nats") -> Figure:
     """One panel per metric (e.g. train L1, test L1, test L5000), one line per variant over depth
-    (Figs 3 and 7). ``paper_marks``: {panel: [(depth, value, label)]} drawn as stars."""
+    (Figs 3 and 7). A value is a number or an estimate over seeds (``.value`` and ``.estimate``,
+    :class:`lvae.analysis.SeedMean`), drawn with its 95 % CI as an error bar where known.
+    ``paper_marks``: {panel: [(depth, value, label)]} drawn as stars."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4), squeeze=False)
     for ax, (title, table) in zip(axes[0], panels.items()):
         for variant, by_depth in table.items():
-            ds = sorted(d for d, v in by_depth.items() if v is not None)
-            ax.plot(ds, [by_depth[d] for d in ds], label=label(variant), **STYLE.get(variant, {}))
+            ds = sorted(d for d, v in by_depth.items() if _value(v) is not None)
+            err = [_half_width(by_depth[d]) for d in ds]
+            ax.errorbar(ds, [_value(by_depth[d]) for d in ds], yerr=err if any(e > 0 for e in err) else None,
+                        label=label(variant), capsize=3, **STYLE.get(variant, {}))
         for depth, value, lab in (paper_marks or {}).get(title, []):
             ax.plot([depth], [value], "*", color="k", ms=11, zorder=5)
             ax.annotate(lab, (depth, value), textcoords="offset points", xytext=(-4, 6), fontsize=8, ha="right")
@@ -48,6 +54,56 @@ def curves_vs_depth(panels: dict[str, dict[str, dict[int, float | None]]], paper
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def _value(v: Any) -> float | None:
+    return getattr(v, "value", v)
+
+
+def _half_width(v: Any) -> float:
+    """The CI half-width of an estimate over seeds; 0 for a plain number or an unknown interval."""
+    est = getattr(v, "estimate", None)
+    h = getattr(est, "half_width", float("nan"))
+    return float(h) if np.isfinite(h) else 0.0
+
+
+def learning_curves(curves: dict[str, dict[str, list[dict[str, Any]]]], titles: dict[str, str] | None = None,
+                    ylabel: str = r"$\mathcal{L}_1$ [nats]") -> Figure:
+    """Train (full lines) and test (dashed) L1 over epochs, one panel per budget, one colour per
+    variant (paper Fig 2). Every seed is a thin line, the mean over the seeds a thick one (over the
+    epochs every seed reached); a partial run's lines end where it stopped and its state is in the
+    legend. ``curves``: :func:`lvae.analysis.learning_curves`; ``titles``: {budget: panel title}."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), squeeze=False, sharey=True)
+    for ax, (budget, by_variant) in zip(axes[0], curves.items()):
+        for variant, seeds in by_variant.items():
+            color = STYLE.get(variant, {}).get("color")
+            for key, ls in (("train", "-"), ("test", "--")):
+                x_key = "epochs" if key == "train" else "test_epochs"
+                for c in seeds:
+                    ax.plot(c[x_key], c[key], ls=ls, lw=0.7, alpha=0.45, color=color)
+                common = sorted(set.intersection(*[set(c[x_key].tolist()) for c in seeds])) if seeds else []
+                if common:
+                    mean = [np.mean([c[key][list(c[x_key]).index(e)] for c in seeds]) for e in common]
+                    ax.plot(common, mean, ls=ls, lw=1.8, color=color,
+                            label=f"{label(variant)} {key} ({len(seeds)} seed{'s' if len(seeds) != 1 else ''})")
+            for c in seeds:
+                if c["state"] != "complete":
+                    ax.plot([], [], ls=":", color=color, label=f"{label(variant)} seed {c['seed']}: {c['state']}")
+        ax.set_title((titles or {}).get(budget, budget), fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    # the first epochs (warm-up, beta < 1) are far below the rest: the axis shows the last 80 %
+    late = [v for by in curves.values() for seeds in by.values() for c in seeds for key, x_key in
+            (("train", "epochs"), ("test", "test_epochs")) for e, v in zip(c[x_key], c[key])
+            if len(c[x_key]) and e >= 0.2 * max(c[x_key]) and np.isfinite(v)]
+    if late:
+        lo, hi = min(late), max(late)
+        pad = 0.08 * (hi - lo) + 0.5
+        axes[0][0].set_ylim(lo - 2 * pad, hi + pad)  # room below for the legend
+    axes[0][0].set_ylabel(ylabel)
     fig.tight_layout()
     return fig
 
@@ -162,50 +218,69 @@ def image_grid(images, image_shape: tuple[int, int], ncols: int = 10, ax=None, t
     return fig
 
 
-def image_rows(rows: dict[str, np.ndarray], image_shape: tuple[int, int], ncols: int = 10) -> Figure:
-    """Several labelled image grids stacked vertically (data / reconstructions / samples)."""
-    fig, axes = plt.subplots(len(rows), 1, figsize=(ncols * 0.42, sum(
+def image_rows(rows: dict[str, np.ndarray], image_shape: tuple[int, int], ncols: int = 10,
+               title: str = "") -> Figure:
+    """Several labelled image grids stacked vertically (data / reconstructions / samples), under
+    ``title`` (e.g. the model that made them)."""
+    head = 0.4 if title else 0.0
+    fig, axes = plt.subplots(len(rows), 1, figsize=(ncols * 0.42, head + sum(
         0.42 * np.ceil(len(v) / ncols) + 0.35 for v in rows.values())), squeeze=False)
-    for ax, (title, imgs) in zip(axes[:, 0], rows.items()):
-        image_grid(imgs, image_shape, ncols, ax=ax, title=title)
+    for ax, (row_title, imgs) in zip(axes[:, 0], rows.items()):
+        image_grid(imgs, image_shape, ncols, ax=ax, title=row_title)
+    if title:
+        fig.suptitle(title, fontsize=11, fontweight="bold")
     fig.tight_layout(pad=0.3)
     return fig
 
 
+# explorer panels are drawn at this size and resolution (620 px), shown 1:1 in the text column at
+# 1280 px, so that their text at these sizes reads like the body text; on a phone they scale down
+UNIT_PANEL_INCHES = (6.2, 4.2)
+UNIT_PANEL_DPI = 100
+UNIT_PANEL_FONT = {"title": 12, "label": 11, "ticks": 11}  # points
+
+
 def unit_panel(epochs: np.ndarray, kl: np.ndarray, means: np.ndarray, frames: np.ndarray, values: np.ndarray,
-               image_shape: tuple[int, int], title: str) -> Figure:
-    """One latent unit at a glance (explorer widget): its KL over training, the histogram of its
-    posterior means over test images, and a traversal (decoded images as the unit moves)."""
-    fig = plt.figure(figsize=(9.0, 2.3))
-    gs = fig.add_gridspec(2, 3, width_ratios=[1, 1, 2.3], height_ratios=[1, 0.12])
-    ax = fig.add_subplot(gs[:, 0])
-    ax.plot(epochs, np.clip(kl, 1e-4, None), color="#d62728", marker=".")
-    ax.set_yscale("log")
-    ax.axhline(0.01, color="k", ls=":", lw=0.8)
-    ax.set_xlabel("epoch", fontsize=8)
-    ax.set_title("KL(q‖p) over training", fontsize=9)
-    ax.tick_params(labelsize=7)
-    ax = fig.add_subplot(gs[:, 1])
-    ax.hist(means, bins=30, color="#1f77b4")
-    for v in values:
-        ax.axvline(v, color="k", lw=0.4, alpha=0.5)
-    ax.set_title("posterior means (test)", fontsize=9)
-    ax.tick_params(labelsize=7)
-    ax.set_yticks([])
-    ax = fig.add_subplot(gs[0, 2])
+               image_shape: tuple[int, int], title: str = "") -> Figure:
+    """One latent unit at a glance (explorer widget): a traversal (decoded images as the unit
+    moves, full width on top), its KL over training and the histogram of its posterior means over
+    test images. The widget writes the title as text above the panel (``title`` draws it in the
+    figure instead)."""
+    fs = UNIT_PANEL_FONT
+    fig = plt.figure(figsize=UNIT_PANEL_INCHES)
+    gs = fig.add_gridspec(2, 2, height_ratios=[1.15, 2.0], hspace=0.65, wspace=0.3)
+    ax = fig.add_subplot(gs[0, :])
     h, w = image_shape
     strip = np.ones((h, len(frames) * (w + 1) - 1))
     for k, img in enumerate(np.asarray(frames).reshape(-1, h, w)):
         strip[:, k * (w + 1): k * (w + 1) + w] = 1 - img
-    ax.imshow(strip, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title("traversal: decode as the unit moves", fontsize=9)
-    ax = fig.add_subplot(gs[1, 2])
-    ax.set_axis_off()
-    ax.text(0.0, 0.5, f"unit value {values[0]:+.1f}", fontsize=7, va="center")
-    ax.text(1.0, 0.5, f"{values[-1]:+.1f}", fontsize=7, va="center", ha="right")
-    fig.suptitle(title, fontsize=10, x=0.01, ha="left")
-    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.18, top=0.8, wspace=0.25)
+    ax.imshow(strip, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
+    ax.set_xticks([k * (w + 1) + (w - 1) / 2 for k in range(len(frames))], [f"{v:+.1f}" for v in values])
+    ax.set_yticks([])
+    for side in ("left", "bottom"):
+        ax.spines[side].set_visible(False)
+    ax.tick_params(labelsize=fs["ticks"], length=0)
+    ax.set_xlabel("unit value (the other units at the test image's posterior mean)", fontsize=fs["label"])
+    ax.set_title("traversal: decoded as the unit moves", fontsize=fs["title"])
+    ax = fig.add_subplot(gs[1, 0])
+    ax.plot(epochs, np.clip(kl, 1e-4, None), color="#d62728", marker=".")
+    ax.set_yscale("log")
+    ax.axhline(0.01, color="k", ls=":", lw=0.8)
+    ax.set_xlabel("epoch", fontsize=fs["label"])
+    ax.set_ylabel("nats", fontsize=fs["label"])
+    ax.set_title("KL(q‖p) over training", fontsize=fs["title"])
+    ax.tick_params(labelsize=fs["ticks"])
+    ax = fig.add_subplot(gs[1, 1])
+    ax.hist(means, bins=30, color="#1f77b4")
+    for v in values:
+        ax.axvline(v, color="k", lw=0.5, alpha=0.5)
+    ax.set_title("posterior means (test)", fontsize=fs["title"])
+    ax.set_xlabel("unit value", fontsize=fs["label"])
+    ax.tick_params(labelsize=fs["ticks"])
+    ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=fs["title"], x=0.01, ha="left")
+    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.11, top=0.86 if title else 0.93)
     return fig
 
 

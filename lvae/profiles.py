@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, EvalConfig, RunConfig
-from .experiments import VARIANTS, run_config
+from .experiments import FIG3_VARIANTS, VARIANTS, run_config
 
 PROFILE_FILE_ENV = "LVAE_PROFILES"
 _KEYS = {"description", "dataset", "subset", "epochs", "warmup_epochs", "depths", "variants", "seeds",
-         "eval_every", "eval_train_subset", "test_subset", "iw_samples", "iw_every", "iw_subset", "keep_weights"}
+         "eval_every", "eval_train_subset", "test_subset", "iw_samples", "iw_every", "iw_subset", "keep_weights", "train"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Profile:
     iw_every: int
     iw_subset: int | None
     keep_weights: tuple[str, ...]
+    train: tuple[tuple[str, Any], ...] = ()  # TrainConfig overrides, e.g. (("precision", "bf16"),)
 
     @property
     def max_depth(self) -> int:
@@ -79,11 +80,12 @@ def load_profile(name: str) -> Profile:
     return Profile(
         name=name, description=raw.get("description", ""), dataset=raw.get("dataset", "mnist"),
         subset=raw.get("subset"), epochs=int(raw["epochs"]), warmup_epochs=int(raw.get("warmup_epochs", 0)),
-        depths=tuple(raw.get("depths", (1, 2, 3, 4, 5))), variants=tuple(raw.get("variants", tuple(VARIANTS))),
+        depths=tuple(raw.get("depths", (1, 2, 3, 4, 5))), variants=tuple(raw.get("variants", FIG3_VARIANTS)),
         seeds=tuple(raw.get("seeds", (0,))), eval_every=int(raw.get("eval_every", 1)),
         eval_train_subset=raw.get("eval_train_subset"), test_subset=raw.get("test_subset"),
         iw_samples=int(raw.get("iw_samples", 5000)), iw_every=int(raw.get("iw_every", 0)),
         iw_subset=raw.get("iw_subset"), keep_weights=tuple(raw.get("keep_weights", ())),
+        train=tuple(sorted((raw.get("train") or {}).items())),
     )
 
 
@@ -92,7 +94,7 @@ def experiment(profile: Profile | str, variant: str, depth: int, seed: int | Non
     """The (RunConfig, EvalConfig) of one model of the profile's grid."""
     p = load_profile(profile) if isinstance(profile, str) else profile
     seed = p.seeds[0] if seed is None else seed
-    overrides = {"subset": p.subset, "seed": seed, **train_overrides}
+    overrides = {"subset": p.subset, "seed": seed, **dict(p.train), **train_overrides}
     cfg = run_config(variant, depth, dataset=p.dataset, warmup_epochs=p.warmup_epochs, **overrides)
     if seed != 0:
         cfg = RunConfig(name=f"{cfg.name}-s{seed}", model=cfg.model, train=cfg.train)
@@ -113,7 +115,7 @@ def get_run(profile: Profile | str, variant: str, depth: int, seed: int | None =
 
     p = load_profile(profile) if isinstance(profile, str) else profile
     cfg, ecfg = experiment(p, variant, depth, seed, **train_overrides)
-    keep = variant in p.keep_weights and depth == p.max_depth
+    keep = variant in p.keep_weights and depth == p.max_depth and (seed is None or seed == p.seeds[0])
     try:
         return get_or_train(cfg, p.epochs, ecfg, root=root, progress=progress, save_fp16=keep)
     except NonFiniteLossError:
@@ -122,9 +124,10 @@ def get_run(profile: Profile | str, variant: str, depth: int, seed: int | None =
 
 def grid_runs(profile: Profile | str, *, progress: bool = True, root: str | os.PathLike | None = None,
               seeds: tuple[int, ...] | None = None) -> dict[tuple[str, int, int], Any]:
-    """Every run of the profile's grid, keyed by (variant, depth, seed)."""
+    """Every run of the profile's grid, keyed by (variant, depth, seed), for ``seeds`` (default: all the
+    profile lists)."""
     p = load_profile(profile) if isinstance(profile, str) else profile
-    seeds = seeds or p.seeds[:1]
+    seeds = seeds or p.seeds
     if p.name == "paper":  # the paper's budget: train every missing model at once with the grid trainer
         from .grid import train_profile
 

@@ -21,12 +21,24 @@ Reliability contract (tests/test_faults.py kills real training processes to chec
   are written *before* the checkpoint of their epoch, so a kill in between replays them.
 * ``checkpoint.pt`` and ``model-fp16.pt`` carry a SHA-256 digest of their content; a damaged
   file is refused with :class:`RunError` naming the fix, never silently loaded.
-* NaN/inf in the loss, or parameters made non-finite by non-finite gradients, stop the run with
-  :class:`~lvae.train.NonFiniteLossError` naming the epoch/step; the last good checkpoint is
-  kept and the run is marked ``failed``. :meth:`Run.result` refuses to give a failed (or
-  unfinished) run's number; :meth:`Run.result_text` renders it as ``failed``.
+* NaN/inf in the loss, parameters made non-finite by non-finite gradients, or an evaluation that
+  is not sane (:func:`lvae.train.evaluation_problem`: non-finite, a bound more than 10 times
+  below the trivial model's, or a training bound that keeps getting worse after warm-up) stop
+  the run with :class:`~lvae.train.NonFiniteLossError` (:class:`~lvae.train.DivergedError` for
+  an evaluation) naming the epoch and the fix. The insane evaluation is not recorded; the run
+  keeps the checkpoint of its last sane evaluation in that session (or the one the session
+  resumed from; none for a fresh run) and is marked ``failed``. :meth:`Run.result` refuses to
+  give a failed (or unfinished) run's number; :meth:`Run.result_text` renders it as ``failed``.
+* A full disk (or quota, or file-size limit) stops training with :class:`DiskFullError`, which
+  names the folder; the temp file is removed, every stored file keeps its last complete
+  version, and the run (``failed``) resumes once there is space.
+* No file holds a bare ``NaN``: a non-finite number (e.g. the standard error of one image) is
+  written as ``null``. Rows are appended to metrics.jsonl / evals.jsonl under a lock, so
+  concurrent writers (two ``lvae eval`` of one run) lose none.
 * ``Run.status`` is ``complete``, ``partial`` (stopped cleanly by ``stop_after``), ``running``
-  (a live process holds the lock), ``interrupted`` (its process died), ``failed`` or ``unknown``.
+  (a live process holds the lock), ``interrupted`` (its process died), ``failed``, ``damaged``
+  (a stored file is unreadable, or metrics.jsonl lost rows the run recorded: :meth:`Run.damage`
+  names the fix) or ``unknown``.
 
 Test-only fault injection: ``LVAE_FAULT=<point>:<n>[,<point>:<n>...]`` SIGKILLs the process the
 n-th time it reaches ``point`` (see :func:`_test_fault_hook`). Unset, it costs one environment
@@ -40,9 +52,12 @@ import errno
 import fcntl
 import functools
 import hashlib
+import io
 import json
+import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -57,15 +72,23 @@ import torch
 from . import data as datasets
 from .config import ConfigError, EvalConfig, RunConfig
 from .models import HierarchicalVAE, build_model
-from .train import NonFiniteLossError, default_device, evaluate, make_optimizer, train_epoch
+from .train import (DivergedError, NonFiniteLossError, default_device, evaluate, evaluation_problem, make_optimizer,
+                    train_epoch)
 
 RESULTS_ENV = "LVAE_RESULTS"
 FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS_FP16 = "model-fp16.pt"
+PER_IMAGE = "per-image-e{epoch}-L{k}-n{n}.npz"  # per-test-image L1 (all test images) and L_K (the first n)
+# a hard link to the checkpoint a failing session rolls back to (its last sane evaluation, or the one
+# it resumed from); it exists only while a session trains (and after a kill, until the next one starts)
+SANE_CHECKPOINT = "checkpoint-sane.pt"
 FAULT_ENV = "LVAE_FAULT"
 # files of a run directory that only the lock holder writes (its stale temp files are removed on resume)
-_LOCKED_FILES = ("config.json", "provenance.json", "metrics.jsonl", CHECKPOINT, WEIGHTS_FP16)
+_LOCKED_FILES = ("config.json", "provenance.json", "metrics.jsonl", CHECKPOINT, WEIGHTS_FP16, SANE_CHECKPOINT)
+# a run name is one folder name: no separator, no "..", nothing hidden or option-like
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,99}")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _FAULT_POINTS = {"config.json": "config", "provenance.json": "provenance", "metrics.jsonl": "metrics",
                  CHECKPOINT: "checkpoint", WEIGHTS_FP16: "fp16", "evals.jsonl": "evals"}
 
@@ -84,6 +107,14 @@ class RunFailedError(RunError):
 
 class RunIncompleteError(RunError):
     """The run has not (yet) reached its target epochs; it has no final result to report."""
+
+
+class RunDamagedError(RunIncompleteError):
+    """A stored file of the run is unreadable or lost rows; the message names the fix."""
+
+
+class DiskFullError(RunError):
+    """A write failed for lack of space (or quota, or the file-size limit); nothing was lost."""
 
 
 # -- test-only fault injection -------------------------------------------------------------------
@@ -156,31 +187,68 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _disk_error(e: OSError, path: Path) -> DiskFullError:
+    """The DiskFullError, naming the folder, of a write that failed for lack of space."""
+    what = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "the disk quota is used up",
+            errno.EFBIG: "the file-size limit (ulimit -f) is reached"}[e.errno]
+    return DiskFullError(
+        f"could not write {path}: {what} that holds {path.parent}. Nothing was lost: every file of the run keeps "
+        f"its last complete version. Free some space there, or train into another folder (--out, or root= in "
+        f"Python), then run the same command again: the run resumes from its last checkpoint")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write ``payload`` to a temp file, fsync it, rename it over ``path``, fsync the directory."""
+    """Write ``payload`` to a temp file, fsync it, rename it over ``path``, fsync the directory.
+    A failed write removes the temp file; a full disk raises :class:`DiskFullError`."""
     tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            raise _disk_error(e, path) from e
+        raise
     _test_fault_hook(_FAULT_POINTS.get(path.name, "write"))
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def _dumps(obj: Any, **kw: Any) -> str:
+    """json.dumps that writes a non-finite float as null (never a bare NaN, which is not JSON)."""
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **kw)
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (_dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def atomic_torch_save(path: Path, obj: Any) -> None:
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _test_fault_hook(_FAULT_POINTS.get(path.name, "write"))
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """torch.save into memory, then :func:`atomic_write_bytes` (so a full disk is an OSError here,
+    not the zip writer's "unexpected pos" error)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -208,12 +276,46 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+    """Replace the file by ``rows`` (atomically)."""
+    atomic_write_bytes(path, "".join(_dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
 
 def append_jsonl(path: Path, row: dict) -> None:
-    rows = read_jsonl(path)  # drops a torn last line before appending
-    write_jsonl(path, rows + [row])
+    """Append one row, holding an exclusive lock on the file: concurrent writers (two processes
+    evaluating one run) lose no row. A torn last line (a writer killed mid-row) is cut off first;
+    a failed write (full disk) is cut off again, so the file only ever ends with a complete row."""
+    line = (_dumps(row, sort_keys=True) + "\n").encode()
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:
+                continue  # replaced (write_jsonl) or removed while we waited: append to the new file
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                size = os.pread(fd, size, 0).rfind(b"\n") + 1  # drop the torn last line
+                os.ftruncate(fd, size)
+            try:
+                half = len(line) // 2
+                _write_all(fd, line[:half])
+                if os.environ.get(FAULT_ENV):  # test-only: a kill here leaves a torn last line
+                    os.fsync(fd)
+                    _test_fault_hook(_FAULT_POINTS.get(path.name, "write"))
+                _write_all(fd, line[half:])
+                os.fsync(fd)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                if e.errno in _DISK_FULL:
+                    raise _disk_error(e, path) from e
+                raise
+            return
+        finally:
+            os.close(fd)  # releases the lock
 
 
 # -- provenance ----------------------------------------------------------------------------------
@@ -297,7 +399,11 @@ class Run:
                            f"delete the run directory to retrain it") from None
 
     def __repr__(self) -> str:
-        return f"Run({self.path.name!r}, epochs={self.epochs}, status={self.status!r})"
+        try:
+            epochs = self.epochs
+        except RunError:  # provenance.json unreadable: status says "damaged"
+            epochs = "?"
+        return f"Run({self.path.name!r}, epochs={epochs}, status={self.status!r})"
 
     @property
     def name(self) -> str:
@@ -312,11 +418,35 @@ class Run:
 
     @property
     def status(self) -> str:
-        """complete | partial | running | interrupted (its process died) | failed | unknown."""
+        """complete | partial | running | interrupted (its process died) | failed | damaged | unknown."""
+        if self.damage() is not None:
+            return "damaged"
         status = self.provenance.get("status", "unknown")
         if status == "running" and not _lock_held(self.path):
             return "interrupted"
         return status
+
+    def damage(self) -> str | None:
+        """What is wrong with the stored record, with the fix, or None: provenance.json or a line of
+        metrics.jsonl is unreadable, or metrics.jsonl lost rows (deleted, truncated): it has fewer
+        rows than the run recorded, or a complete run lacks the evaluation of its final epoch."""
+        try:
+            prov = self.provenance
+            rows = self.metrics()
+        except RunError as e:
+            return str(e)
+        metrics = self.path / "metrics.jsonl"
+        fix = (f"restore it from a copy (for a committed run: git checkout -- {metrics}) or delete the run "
+               f"directory to retrain it")
+        recorded = prov.get("metrics_rows")
+        if isinstance(recorded, int) and len(rows) < recorded:
+            have = f"has {len(rows)} rows" if metrics.exists() else "is missing"
+            return f"{metrics} {have}, but the run recorded {recorded}: its history is lost; {fix}"
+        epochs = prov.get("epochs", 0)
+        if prov.get("status") == "complete" and epochs and not any(r.get("epoch") == epochs for r in rows):
+            have = "lacks" if metrics.exists() else "is missing, with"
+            return f"{metrics} {have} the evaluation of the final epoch {epochs}: its history is lost; {fix}"
+        return None
 
     @property
     def ok(self) -> bool:
@@ -325,7 +455,10 @@ class Run:
 
     @property
     def error(self) -> str | None:
-        """Why a failed run failed (None otherwise)."""
+        """Why a failed run failed, or what is damaged and the fix (None otherwise)."""
+        damage = self.damage()
+        if damage is not None:
+            return damage
         prov = self.provenance
         return prov.get("error") if prov.get("status") == "failed" else None
 
@@ -353,6 +486,8 @@ class Run:
         status = self.status
         if status == "failed":
             raise RunFailedError(f"{self.name} failed: {self.error}")
+        if status == "damaged":
+            raise RunDamagedError(f"{self.name} is damaged: {self.error}")
         if status != "complete":
             raise RunIncompleteError(f"{self.name} is {status} ({self.epochs} epochs of "
                                      f"{self.provenance.get('target_epochs', '?')}); resume it with get_or_train")
@@ -369,17 +504,44 @@ class Run:
         return "-" if value is None else fmt.format(value) if isinstance(value, (int, float)) else str(value)
 
     def summary(self) -> dict[str, Any]:
-        """One row of ``lvae runs``: a failed run shows its error, never a number."""
+        """One row of ``lvae runs``: a failed or damaged run shows its error (with the fix), never a
+        number; a non-finite number (stored by an older lvae) shows as None, never as NaN."""
         status = self.status
-        row: dict[str, Any] = {"name": self.name, "epochs": self.epochs, "status": status}
+        try:
+            epochs = self.epochs
+        except RunError:  # provenance.json unreadable (the error says so)
+            epochs = 0
+        row: dict[str, Any] = {"name": self.name, "epochs": epochs, "status": status}
         for key in ("test_L1", "test_LK", "iw_k"):
-            row[key] = None if status == "failed" else self.last(key)
-        if status == "failed":
+            row[key] = None if status in ("failed", "damaged") else _finite_or_none(self.last(key))
+        if status in ("failed", "damaged"):
             row["error"] = self.error
         return row
 
     def evals(self) -> list[dict]:
         return read_jsonl(self.path / "evals.jsonl")
+
+    def per_image(self, k: int | None = None, n: int | None = None) -> dict[str, Any] | None:
+        """Per-test-image values of the run's final weights, for paired comparisons between models.
+
+        Returns ``{"test_L1": array, "test_LK": array, "k": K, "n": images covered by test_LK,
+        "epoch": E, "source": file}`` from the latest evaluation of the final epoch that stored them
+        (training's own final evaluation, or ``lvae eval``) with ``k`` importance samples (any when
+        None) on exactly ``n`` test images (any when None; the most images when several). None
+        when no such evaluation stored per-image values (runs made before they were recorded).
+        """
+        import numpy as np
+
+        rows = [r for r in self.metrics() + self.evals()
+                if r.get("per_image") and r.get("epoch") == self.epochs
+                and (k is None or r.get("iw_k") == k) and (n is None or r.get("n_iw") == n)]
+        rows = [r for r in rows if (self.path / r["per_image"]).exists()]
+        if not rows:
+            return None
+        row = max(rows, key=lambda r: r.get("n_iw", 0))  # stable: the first of equals, i.e. training's own
+        with np.load(self.path / row["per_image"]) as f:
+            out = {key: f[key] for key in f.files}
+        return {**out, "k": row["iw_k"], "n": row["n_iw"], "epoch": row["epoch"], "source": row["per_image"]}
 
     def load_model(self, device: str | torch.device = "cpu") -> HierarchicalVAE:
         """The trained model in eval mode (fp32), from the full checkpoint or the fp16 weights."""
@@ -389,8 +551,22 @@ class Run:
             state = load_checkpoint(ckpt)["model"]
         elif fp16.exists():
             state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_checkpoint(fp16)["model"].items()}
-        else:
-            raise RunError(f"{self.path} has no weights ({CHECKPOINT} or {WEIGHTS_FP16}); retrain it with get_or_train")
+        else:  # only the fp16 weights of a few models travel with the repository; checkpoints stay local
+            import tempfile
+
+            from .cli import train_command
+
+            scratch = Path(tempfile.gettempdir()) / "lvae-retrained"  # never overwrite this run's own record
+            prov = self.provenance
+            epochs = self.epochs or int(prov.get("target_epochs", 0)) or 1
+            took = (f" (it took {prov['wall_seconds'] / 60:.0f} min on {prov.get('device', '?')})"
+                    if self.epochs and prov.get("wall_seconds") else "")
+            command = train_command(self.config, epochs, self.eval_config, out=scratch)
+            raise RunError(f"{self.path} has no weights ({CHECKPOINT} or {WEIGHTS_FP16}: the repository holds the "
+                           f"fp16 weights of a few models only). Recreate them in a scratch registry with "
+                           f"`{command}`{took} and use that run "
+                           f"(e.g. `lvae eval {self.name} --out {scratch}`); in Python: lvae.get_or_train("
+                           f"run.config, {epochs}, run.eval_config, root={str(scratch)!r})")
         _load_state(model, state, ckpt if ckpt.exists() else fp16)
         return model.to(device).eval()
 
@@ -540,14 +716,27 @@ def _check_finite_parameters(model: HierarchicalVAE, epoch: int, n_batches: int,
     bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     raise NonFiniteLossError(
         f"non-finite gradients at epoch {epoch + 1} (step {n_batches}, the last of the epoch, whose loss was "
-        f"finite) made parameters {bad[:3]} non-finite; lower the learning rate (lr={lr}) or check the data. "
-        f"The last good checkpoint is kept."
+        f"finite) made parameters {bad[:3]} non-finite; lower the learning rate (lr={lr}; --lr on the command "
+        f"line) or check the data."
     )
 
 
+def check_run_name(name: Any) -> None:
+    """A run's name becomes a folder of the registry: it must be one folder name (letters, digits,
+    ``. _ - + = @``; no ``/``, no ``..``, not hidden), so that no run lands outside the registry."""
+    if not isinstance(name, str) or not _RUN_NAME.fullmatch(name):
+        raise ConfigError(f"run name {name!r} is not a single folder name: use letters, digits and . _ - + = @, "
+                          f"starting with a letter, digit or _ (no '/', no '..'; at most 100 characters), "
+                          f"e.g. --name my-run")
+
+
 def _completed(path: Path, epochs: int) -> Run | None:
+    """The run at ``path`` if it is complete with >= ``epochs``; refuses a damaged one (RunError)."""
     if (path / "config.json").exists():
         run = Run(path)
+        damage = run.damage()
+        if damage is not None:
+            raise RunDamagedError(f"{run.name} is damaged: {damage}")
         if run.epochs >= epochs and run.status == "complete":
             return run
     return None
@@ -562,8 +751,9 @@ def get_or_train(config: RunConfig, epochs: int, eval_config: EvalConfig | None 
     ``stop_after`` stops (cleanly, with a checkpoint) after that many new epochs: for tests and
     for splitting long runs over sessions. Bad arguments and unavailable data are refused before
     the run directory is created. Raises RunLockedError when another process trains the run,
-    RunError for a damaged or incompatible run directory (the message names the fix), and
-    NonFiniteLossError (after marking the run failed) when training diverges.
+    RunError for a damaged or incompatible run directory (the message names the fix),
+    NonFiniteLossError (DivergedError for an evaluation that is not sane; after marking the run
+    failed) when training diverges, and DiskFullError when the disk is full.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs={epochs!r} must be a positive integer")
@@ -571,6 +761,7 @@ def get_or_train(config: RunConfig, epochs: int, eval_config: EvalConfig | None 
         raise ConfigError(f"stop_after={stop_after!r} must be a positive integer or None")
     if not isinstance(config, RunConfig):
         raise TypeError(f"get_or_train takes an lvae.RunConfig, got {type(config).__name__}")
+    check_run_name(config.name)
     ecfg = eval_config or EvalConfig()
     base = results_dir(root)
     path = base / config.dir_name
@@ -611,11 +802,18 @@ def open_for_training(config: RunConfig, ecfg: EvalConfig, path: Path, base: Pat
     Removes temp files left by a killed writer, writes config.json, builds the model with the
     run's seed, resumes model, optimizer and pending losses from the checkpoint (or initialises
     from ``init_from``), and drops evaluations recorded after the checkpoint (they are replayed).
+    Refuses a run name that is not one folder name and a damaged run directory (RunError with the fix).
     """
     tcfg = config.train
+    check_run_name(config.name)
+    if (path / "config.json").exists():
+        damage = Run(path).damage()
+        if damage is not None:
+            raise RunDamagedError(f"{path.name} is damaged: {damage}")
     for tmp in path.glob(".*.tmp-*"):  # left by a process killed mid-write; we hold the lock
         if tmp.name[1:].partition(".tmp-")[0] in _LOCKED_FILES:
             tmp.unlink(missing_ok=True)
+    (path / SANE_CHECKPOINT).unlink(missing_ok=True)  # left by a killed session
     atomic_write_json(path / "config.json", {"format_version": FORMAT_VERSION, "run": config.to_dict(),
                                              "eval": dataclasses.asdict(ecfg)})
     prov = Run(path).provenance
@@ -640,7 +838,9 @@ def open_for_training(config: RunConfig, ecfg: EvalConfig, path: Path, base: Pat
     elif tcfg.init_from:
         _init_from(tcfg.init_from, model, base)
     # evaluations made after the checkpoint (by a process killed later) are replayed, not kept twice
-    write_jsonl(path / "metrics.jsonl", [r for r in read_jsonl(path / "metrics.jsonl") if r.get("epoch", 0) <= start])
+    rows = [r for r in read_jsonl(path / "metrics.jsonl") if r.get("epoch", 0) <= start]
+    write_jsonl(path / "metrics.jsonl", rows)
+    prov["metrics_rows"] = len(rows)  # a later loss of rows shows as damage (Run.damage)
     return TrainingState(model, optimizer, start, prov, pending)
 
 
@@ -668,6 +868,8 @@ def _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, da
     n_batches = datasets.num_batches(len(data.x_train), tcfg.batch_size)
     bar = tqdm(total=(end - start) * n_batches, desc=path.name, unit="step", disable=not progress, leave=False)
     steps = _FaultingProgress(bar) if os.environ.get(FAULT_ENV) else bar  # test-only, see _test_fault_hook
+    history = read_jsonl(path / "metrics.jsonl")  # for evaluation_problem's "keeps getting worse"
+    sane_epoch = _keep_as_sane(path, start) if (path / CHECKPOINT).exists() else None  # a failure rolls back to it
     try:
         for epoch in range(start, end):
             t0 = time.perf_counter()
@@ -675,28 +877,102 @@ def _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, da
             _check_finite_parameters(model, epoch, n_batches, res.lr)
             pending.append(res.train_loss)
             done = epoch + 1
-            if done % ecfg.every == 0 or done == epochs:
+            evaluated = done % ecfg.every == 0 or done == epochs
+            if evaluated:
                 with_iw = done == epochs or (ecfg.iw_every > 0 and done % ecfg.iw_every == 0)
+                per_image: dict = {}
                 row = {"epoch": done, "beta": res.beta, "lr": res.lr, "train_loss": sum(pending) / len(pending),
-                       **evaluate(model, data, tcfg, ecfg, epoch, with_iw, dev), "epoch_seconds": res.seconds}
+                       **evaluate(model, data, tcfg, ecfg, epoch, with_iw, dev, per_image=per_image),
+                       "epoch_seconds": res.seconds}
+                problem = evaluation_problem(row, history, config.model.x_dim, config.model.likelihood)
+                if problem is not None:
+                    raise DivergedError(f"the evaluation of epoch {done} is not sane: {problem}. Training diverged: "
+                                        f"lower the learning rate (lr={res.lr}; --lr on the command line) or "
+                                        f"check the data.")
+                if with_iw:
+                    row["per_image"] = save_per_image(path, row, per_image)
                 _test_fault_hook("eval")
                 # the row is written before the checkpoint of its epoch: a kill in between replays the epoch
                 append_jsonl(path / "metrics.jsonl", row)
+                history.append(row)
                 pending = []
             save_checkpoint(path, model, optimizer, done, pending, save_fp16)
+            if evaluated:
+                sane_epoch = _keep_as_sane(path, done)
             prov["wall_seconds"] += time.perf_counter() - t0
             prov["epochs"] = done
+            prov["metrics_rows"] = len(history)
             atomic_write_json(path / "provenance.json", prov)
             bar.set_postfix(epoch=done, loss=f"{res.train_loss:.2f}", beta=f"{res.beta:.2f}")
     except NonFiniteLossError as e:
-        prov.update({"status": "failed", "error": str(e), "finished": _now()})
+        kept = _roll_back(path, sane_epoch, save_fp16)
+        error = f"{e} {kept}"
+        prov.update({"status": "failed", "error": error, "finished": _now(), "epochs": sane_epoch or 0,
+                     "metrics_rows": len(history)})
         atomic_write_json(path / "provenance.json", prov)
+        raise type(e)(error) from None
+    except DiskFullError as e:
+        (path / SANE_CHECKPOINT).unlink(missing_ok=True)  # frees its space
+        prov.update({"status": "failed", "error": str(e), "finished": _now()})
+        with contextlib.suppress(OSError, RunError):  # the disk may be too full for this one, too
+            atomic_write_json(path / "provenance.json", prov)
         raise
     finally:
         bar.close()
+        (path / SANE_CHECKPOINT).unlink(missing_ok=True)
     prov.update({"status": "complete" if prov["epochs"] >= epochs else "partial", "finished": _now()})
     atomic_write_json(path / "provenance.json", prov)
     return Run(path)
+
+
+def _keep_as_sane(path: Path, epoch: int) -> int:
+    """Hard-link the current checkpoint (of ``epoch``) as the one a failure rolls back to (no copy:
+    the next checkpoint is a new file renamed over checkpoint.pt); returns ``epoch``."""
+    ckpt, sane = path / CHECKPOINT, path / SANE_CHECKPOINT
+    tmp = _tmp_path(sane)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(ckpt, tmp)
+    except OSError as e:  # a file system without hard links: copy
+        if e.errno in _DISK_FULL:
+            raise _disk_error(e, sane) from e
+        atomic_write_bytes(tmp, ckpt.read_bytes())
+    os.replace(tmp, sane)
+    return epoch
+
+
+def _roll_back(path: Path, sane_epoch: int | None, save_fp16: bool) -> str:
+    """After a failure, make the checkpoint (and the fp16 weights) those of the last sane state of
+    this session; returns the sentence that says which one the run keeps."""
+    sane = path / SANE_CHECKPOINT
+    if sane_epoch is not None and sane.exists():
+        os.replace(sane, path / CHECKPOINT)
+        _fsync_dir(path)
+        if save_fp16:
+            model = load_checkpoint(path / CHECKPOINT)["model"]
+            half = {k: (v.half() if v.is_floating_point() else v) for k, v in model.items()}
+            atomic_torch_save(path / WEIGHTS_FP16, _with_digest({"model": half, "epoch": sane_epoch}))
+        return f"The run keeps its checkpoint of epoch {sane_epoch}, the last sane state it reached."
+    for name in (CHECKPOINT, WEIGHTS_FP16) if save_fp16 else (CHECKPOINT,):
+        (path / name).unlink(missing_ok=True)
+    return "The run keeps no checkpoint: it reached no sane evaluation."
+
+
+def save_per_image(path: Path, row: dict, arrays: dict) -> str:
+    """Store an evaluation's per-test-image values next to its metrics row; returns the file name.
+
+    ``test_L1`` covers the row's ``n_test`` images and ``test_LK`` its first ``n_iw`` images, in
+    test-set order, so two runs evaluated on the same images can be compared image by image.
+    """
+    import io
+
+    import numpy as np
+
+    name = PER_IMAGE.format(epoch=row["epoch"], k=row["iw_k"], n=row["n_iw"])
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()})
+    atomic_write_bytes(path / name, buf.getvalue())
+    return name
 
 
 def record_eval(run: Run, row: dict) -> None:
@@ -705,23 +981,29 @@ def record_eval(run: Run, row: dict) -> None:
 
 
 def evaluate_run(run: Run, iw_samples: int = 5000, test_subset: int | None = None, iw_chunk: int = 500,
-                 device: str | torch.device | None = None, save: bool = True, progress: bool = False) -> dict:
-    """Evaluate a stored run's final weights (L1s, per-unit KL, L_K) and record it in evals.jsonl.
+                 device: str | torch.device | None = None, save: bool = True, progress: bool = False,
+                 iw_subset: int | None = None) -> dict:
+    """Evaluate a stored run's final weights (L1s, per-unit KL, L_K) and record it in evals.jsonl,
+    with the per-test-image values (:func:`save_per_image`).
 
-    L_K is computed on the same ``test_subset`` images as L1 (all 10,000 when None), whatever
-    subset the run's own training-time evaluations used.
+    L1 covers the first ``test_subset`` test images (all 10,000 when None); L_K the first
+    ``iw_subset`` of those (all of them when None), whatever the run's own training-time
+    evaluations used.
     """
     dev = torch.device(device) if device is not None else default_device()
     tcfg = run.config.train
-    ecfg = dataclasses.replace(run.eval_config, iw_samples=iw_samples, test_subset=test_subset, iw_subset=None,
+    ecfg = dataclasses.replace(run.eval_config, iw_samples=iw_samples, test_subset=test_subset, iw_subset=iw_subset,
                                iw_chunk=iw_chunk)
     data = datasets.load_dataset(tcfg.dataset, subset=tcfg.subset, test_subset=test_subset, test_seed=tcfg.test_seed)
     model = run.load_model(dev)
     code = git_commit()  # the code loaded now, before the (long) evaluation
     t0 = time.perf_counter()
-    row = {"epoch": run.epochs, **evaluate(model, data, tcfg, ecfg, run.epochs - 1, True, dev, progress=progress),
+    per_image: dict = {}
+    row = {"epoch": run.epochs,
+           **evaluate(model, data, tcfg, ecfg, run.epochs - 1, True, dev, progress=progress, per_image=per_image),
            "device": device_description(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
            **code, "seconds": time.perf_counter() - t0}
     if save:
+        row["per_image"] = save_per_image(run.path, row, per_image)
         record_eval(run, row)
-    return row
+    return _finite_or_none(row)  # as stored: an undefined number (one image's standard error) is None

@@ -1,4 +1,4 @@
-"""Training and evaluation (PROTOCOL.md sections 3 and 5).
+"""Training and evaluation (paper section 3; book/protocol.md, "Optimisation" and "Evaluation").
 
 Adam (beta1 0.9, beta2 0.999, eps 1e-4), batch 256, gradients rescaled to total norm <= 4 then
 clipped elementwise to +-0.9, warm-up beta linear 0 -> 1 over N_t epochs, optional finetuning
@@ -36,6 +36,77 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced NaN/inf; the message names the epoch and step."""
 
 
+class DivergedError(NonFiniteLossError):
+    """An evaluation was not sane (:func:`evaluation_problem`): training diverged although every
+    loss may have stayed finite. A :class:`NonFiniteLossError`, so whatever handles a NaN handles it."""
+
+
+# -- is an evaluation sane? ------------------------------------------------------------------------
+# A model that predicts 0.5 for every pixel (Bernoulli) scores -x_dim ln 2 per image: -543.4 nats on
+# MNIST. For the Gaussian likelihood (NORB, pixels in [0, 1]) the counterpart is N(x | 0.5, 1), which
+# scores at least -x_dim (ln(2 pi) / 2 + 1/8) per image. An evaluation whose bound lies more than
+# SANITY_FACTOR times below that is not a model that learns, it is a diverged one: healthy models,
+# even freshly initialised or after one epoch on 32 images, score between -0.5 and -1.7 times the
+# trivial bound here (every variant, depths 1 and 5, both likelihoods); --lr 1e4 scores -1e7 times it.
+SANITY_FACTOR = 10.0
+# ... and one whose training L1 fell at WORSENING_EVALS evaluations in a row after warm-up (beta = 1),
+# by more than WORSENING_FRACTION of the trivial bound in all, keeps getting worse: after warm-up
+# the training bound (on a fixed training subset, so overfitting does not lower it) only rises.
+WORSENING_EVALS = 3
+WORSENING_FRACTION = 0.1
+BOUND_KEYS = ("train_L1", "test_L1", "test_LK")  # the evaluated bounds the sanity floor applies to
+
+
+def trivial_bound(x_dim: int, likelihood: str) -> float:
+    """log-likelihood per image of the trivial model: every pixel Bernoulli(0.5) (``-x_dim ln 2``),
+    or, for the Gaussian likelihood, the lowest N(x | 0.5, 1) scores on pixels in [0, 1]."""
+    if likelihood == "bernoulli":
+        return -x_dim * math.log(2.0)
+    return -x_dim * (0.5 * math.log(2.0 * math.pi) + 0.125)
+
+
+def evaluation_problem(row: dict, history: list[dict], x_dim: int, likelihood: str) -> str | None:
+    """Why the evaluation ``row`` is not sane, or None. ``history``: the run's earlier rows.
+
+    Not sane: a non-finite number (every value but the standard errors, which are undefined for
+    one image); a bound (``train_L1``, ``test_L1``, ``test_LK``) more than :data:`SANITY_FACTOR`
+    times below :func:`trivial_bound`; or a training L1 that fell at each of the last
+    :data:`WORSENING_EVALS` evaluations after warm-up, by more than :data:`WORSENING_FRACTION` of
+    the trivial bound in all. The epoch-mean training loss is not held to the floor: it averages
+    the first steps of a fresh model, which can be far worse than any evaluation."""
+    bad = [k for k, v in _numbers(row) if not k.endswith("_se") and not math.isfinite(v)]
+    if bad:
+        return f"non-finite values ({', '.join(f'{k}={_value(row, k)}' for k in dict.fromkeys(bad[:4]))})"
+    trivial = trivial_bound(x_dim, likelihood)
+    floor = SANITY_FACTOR * trivial
+    low = [k for k in BOUND_KEYS if k in row and row[k] < floor]
+    if low:
+        return (f"{low[0]} = {row[low[0]]:.4g} nats per image, more than {SANITY_FACTOR:g} times below the "
+                f"{trivial:.1f} of a model that predicts {'0.5 for every pixel' if likelihood == 'bernoulli' else 'N(0.5, 1) for every pixel'}")
+    rows = [r for r in history if "train_L1" in r][-WORSENING_EVALS:] + [row]
+    if len(rows) == WORSENING_EVALS + 1 and all(r.get("beta", 0.0) >= 1.0 for r in rows):
+        values = [r["train_L1"] for r in rows]
+        fell = all(b < a for a, b in zip(values, values[1:]))
+        if fell and values[0] - values[-1] > WORSENING_FRACTION * abs(trivial):
+            return (f"train_L1 fell at {WORSENING_EVALS} evaluations in a row after warm-up, from {values[0]:.2f} at "
+                    f"epoch {rows[0].get('epoch')} to {values[-1]:.2f}: it keeps getting worse")
+    return None
+
+
+def _numbers(obj, key: str = "") -> list[tuple[str, float]]:
+    """(key, value) of every float in a metrics row, lists included (``kl_units``)."""
+    if isinstance(obj, dict):
+        return [kv for k, v in obj.items() for kv in _numbers(v, k)]
+    if isinstance(obj, (list, tuple)):
+        return [kv for v in obj for kv in _numbers(v, key)]
+    return [(key, obj)] if isinstance(obj, float) else []
+
+
+def _value(row: dict, key: str):
+    v = row.get(key)
+    return v if isinstance(v, float) else "non-finite entries"
+
+
 def generator(device: torch.device | str, *parts: object) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(datasets.derive_seed(*parts))
@@ -57,11 +128,12 @@ class Objective(nn.Module):
         self.eq, self.iw, self.analytic = tcfg.eq_samples, tcfg.iw_samples, tcfg.analytic_kl
 
     def forward(self, x: torch.Tensor, beta: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
-        return -training_bound(self.model, x, beta, self.eq, self.iw, self.analytic, NoiseReplay(eps)).mean()
+        return -training_bound(self.model, x, beta, self.eq, self.iw, self.analytic, NoiseReplay(eps),
+                               check=False).mean()
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> FlatAdam:
-    """Adam (PROTOCOL.md section 3) over one flat buffer (:mod:`lvae.optim`): by default bitwise the
+    """Adam (book/protocol.md, "Optimisation") over one flat buffer (:mod:`lvae.optim`): by default bitwise the
     numbers of ``torch.optim.Adam``; the opt-in bf16 and compile modes, whose rounding differs
     anyway, use the fused kernel and a one-reduction gradient norm."""
     return FlatAdam(model.parameters(), cfg.lr, cfg.adam_betas, cfg.adam_eps, fused=fused_adam(cfg))
@@ -130,7 +202,8 @@ def train_step(model: HierarchicalVAE, optimizer: torch.optim.Optimizer, x: torc
             eps = draw_noise(model.config, cfg.eq_samples * cfg.iw_samples, len(x), noise, x.device, x.dtype)
             loss = compiled_objective(model, cfg)(x, torch.tensor(float(beta), device=x.device), eps)
         else:
-            loss = -training_bound(model, x, beta, cfg.eq_samples, cfg.iw_samples, cfg.analytic_kl, noise).mean()
+            loss = -training_bound(model, x, beta, cfg.eq_samples, cfg.iw_samples, cfg.analytic_kl, noise,
+                                   check=False).mean()  # the data were checked when loaded: no host sync
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip_gradients(optimizer, cfg)
@@ -168,7 +241,7 @@ def train_epoch(model: HierarchicalVAE, optimizer: torch.optim.Optimizer, data: 
         step = int((~finite).nonzero()[0])
         raise NonFiniteLossError(
             f"non-finite loss ({losses[step].item()}) at epoch {epoch + 1}, step {step + 1}; "
-            f"lower the learning rate (lr={lr}) or check the data. The last good checkpoint is kept."
+            f"lower the learning rate (lr={lr}; --lr on the command line) or check the data."
         )
     return EpochResult(epoch, beta, lr, float(losses.mean()), time.perf_counter() - t0)
 
@@ -199,9 +272,14 @@ def _batched_mean_se(values: torch.Tensor) -> tuple[float, float]:
 
 @torch.no_grad()
 def evaluate(model: HierarchicalVAE, data: datasets.ImageData, cfg: TrainConfig, ecfg: EvalConfig,
-             epoch: int, with_iw: bool, device: torch.device, batch_size: int = 1000, progress: bool = False) -> dict:
+             epoch: int, with_iw: bool, device: torch.device, batch_size: int = 1000, progress: bool = False,
+             per_image: dict | None = None) -> dict:
     """Train L1, test L1, per-unit KL on the test set, and (``with_iw``) test L_K with its SE
-    (``progress``: a progress bar over the L_K batches, for long stand-alone evaluations)."""
+    (``progress``: a progress bar over the L_K batches, for long stand-alone evaluations).
+
+    ``per_image``: a dict that receives the per-test-image values (float32 numpy arrays ``test_L1``
+    and, with ``with_iw``, ``test_LK``), for paired comparisons between models on the same images.
+    Asking for them changes no number: the random draws are the same."""
     x_test = data.x_test[: ecfg.test_subset].to(device) if ecfg.test_subset else data.x_test.to(device)
     x_train = datasets.fixed_binarized_train(data, ecfg.train_subset, cfg.seed).to(device)
     g = generator(device, "eval", cfg.seed, epoch)
@@ -214,7 +292,10 @@ def evaluate(model: HierarchicalVAE, data: datasets.ImageData, cfg: TrainConfig,
 
     out: dict = {}
     out["train_L1"], _ = _batched_mean_se(l1(x_train))
-    out["test_L1"], out["test_L1_se"] = _batched_mean_se(l1(x_test))
+    test_l1 = l1(x_test)
+    out["test_L1"], out["test_L1_se"] = _batched_mean_se(test_l1)
+    if per_image is not None:
+        per_image["test_L1"] = test_l1.float().cpu().numpy()
     kls = [kl_per_unit(model, x_test[s:s + batch_size], True, g) for s in range(0, len(x_test), batch_size)]
     sizes = [min(batch_size, len(x_test) - s) for s in range(0, len(x_test), batch_size)]
     kl_units = [sum(k[i] * n for k, n in zip(kls, sizes)) / len(x_test) for i in range(len(kls[0]))]
@@ -229,6 +310,8 @@ def evaluate(model: HierarchicalVAE, data: datasets.ImageData, cfg: TrainConfig,
         vals = iw_bound_batched(model, x_iw, ecfg.iw_samples, ecfg.iw_chunk, iw_batch, g,
                                 workers=torch.get_num_threads(), progress=progress)
         out["test_LK"], out["test_LK_se"] = _batched_mean_se(vals)
+        if per_image is not None:
+            per_image["test_LK"] = vals.float().cpu().numpy()
         out["iw_k"] = ecfg.iw_samples
         out["n_iw"] = len(x_iw)
         out["iw_seconds"] = time.perf_counter() - t0

@@ -12,6 +12,7 @@ as usual.
 """
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -27,6 +28,7 @@ class UnitFrame:
     unit: int
     final_kl: float
     png: bytes
+    title: str = ""  # shown as text above the panel
 
 
 def unit_frames(run, model, x: torch.Tensor, image_index: int = 0, max_units: int | None = 16,
@@ -45,10 +47,12 @@ def unit_frames(run, model, x: torch.Tensor, image_index: int = 0, max_units: in
             imgs = analysis.traversal(model, x0, layer, int(unit), values).numpy()
             final = lay_kl[-1, unit]
             state = "active" if final > analysis.ACTIVE_UNIT_THRESHOLD else "inactive"
-            title = f"{label}  z{layer + 1}, unit {unit} (rank {rank + 1} by KL; final KL {final:.3g} nats, {state})"
+            title = (f"{label}: " if label else "") + \
+                f"z{layer + 1}, unit {unit} (rank {rank + 1} by KL; final KL {final:.3g} nats, {state})"
             fig = plots.unit_panel(epochs, lay_kl[:, unit], means[layer][:, unit].numpy(), imgs, values,
-                                   image_shape, title)
-            frames.append(UnitFrame(layer, int(unit), float(lay_kl[-1, unit]), plots.to_png(fig)))
+                                   image_shape)
+            frames.append(UnitFrame(layer, int(unit), float(lay_kl[-1, unit]),
+                                    plots.to_png(fig, dpi=plots.UNIT_PANEL_DPI), title))
         out.append(frames)
     return out
 
@@ -60,7 +64,8 @@ def explorer(models: dict[str, tuple[Any, Any]], x: torch.Tensor, image_index: i
 
     if not hasattr(w, "Stack"):  # ipywidgets 7 (old Colab images): a kernel-driven fallback
         return _explorer_kernel(models, x, image_index, max_units, steps)
-    layout_img = w.Layout(width="100%", max_width="900px")
+    # never wider than drawn: 1:1 in the text column, scaled down on a phone
+    layout_img = w.Layout(width="100%", max_width=f"{plots.UNIT_PANEL_INCHES[0] * plots.UNIT_PANEL_DPI:.0f}px")
     variant_boxes, variant_names = [], []
     for label, (run, model) in models.items():
         frames = unit_frames(run, model, x, image_index, max_units, steps, label)
@@ -69,32 +74,35 @@ def explorer(models: dict[str, tuple[Any, Any]], x: torch.Tensor, image_index: i
         for layer, fr in enumerate(frames):
             n_units = final_kl[layer].shape[1]
             n_active = int((final_kl[layer][-1] > analysis.ACTIVE_UNIT_THRESHOLD).sum())
-            images = [w.Image(value=f.png, format="png", layout=layout_img) for f in fr]
-            stack = w.Stack(images, selected_index=0)
-            slider = w.IntSlider(value=0, min=0, max=len(images) - 1, continuous_update=True,
-                                 layout=w.Layout(width="360px"))
+            panels = [w.VBox([w.HTML(html.escape(f.title)), w.Image(value=f.png, format="png", layout=layout_img)])
+                      for f in fr]
+            stack = w.Stack(panels, selected_index=0)
+            slider = w.IntSlider(value=0, min=0, max=len(panels) - 1, continuous_update=True,
+                                 layout=w.Layout(width="22em", max_width="100%"))
             w.jslink((slider, "value"), (stack, "selected_index"))
-            layer_boxes.append(w.VBox([w.HBox([_label("unit (rank by KL)"), slider]), stack]))
+            layer_boxes.append(w.VBox([_row("unit (rank by KL)", slider), stack]))
             shown = "all shown" if len(fr) == n_units else f"top {len(fr)} by KL shown"
             layer_names.append(f"z{layer + 1}: {n_units} units, {n_active} active ({shown})")
-        layer_dd = w.Dropdown(options=layer_names, index=0, layout=w.Layout(width="360px"))
+        layer_dd = w.Dropdown(options=layer_names, index=0, layout=w.Layout(width="24em", max_width="100%"))
         layer_stack = w.Stack(layer_boxes, selected_index=0)
         w.jslink((layer_dd, "index"), (layer_stack, "selected_index"))
-        variant_boxes.append(w.VBox([w.HBox([_label("layer"), layer_dd]), layer_stack]))
+        variant_boxes.append(w.VBox([_row("layer", layer_dd), layer_stack]))
         variant_names.append(label)
-    model_dd = w.ToggleButtons(options=variant_names, index=0, style={"button_width": "170px"})
+    model_dd = w.ToggleButtons(options=variant_names, index=0, style={"button_width": "auto"})
     model_stack = w.Stack(variant_boxes, selected_index=0)
     w.jslink((model_dd, "index"), (model_stack, "selected_index"))
-    return w.VBox([w.HBox([_label("model"), model_dd]), model_stack],
-                  layout=w.Layout(border="1px solid #ddd", padding="6px"))
+    return w.VBox([_row("model", model_dd), model_stack],
+                  layout=w.Layout(border="1px solid #ddd", padding="6px", max_width="100%"))
 
 
-def _label(text: str):
-    """A plain label. (Widget ``description``s are typeset with the MathJax 2 API by the static
-    HTML widget manager, which fails under the book's MathJax 3; HTML widgets are not typeset.)"""
+def _row(text: str, control):
+    """A label and its control on one line, the control below the label where the line is too
+    narrow (a phone). The label is plain HTML: widget ``description``s are typeset with the
+    MathJax 2 API by the static HTML widget manager, which fails under the book's MathJax 3."""
     import ipywidgets as w
 
-    return w.HTML(f"<b>{text}</b>", layout=w.Layout(width="150px"))
+    label = w.HTML(f"<b>{html.escape(text)}</b>", layout=w.Layout(width="11em"))
+    return w.HBox([label, control], layout=w.Layout(flex_flow="row wrap", align_items="center"))
 
 
 def _explorer_kernel(models, x, image_index, max_units, steps):  # pragma: no cover - ipywidgets 7 only
@@ -105,7 +113,7 @@ def _explorer_kernel(models, x, image_index, max_units, steps):  # pragma: no co
     model_dd = w.Dropdown(options=list(frames), description="model")
     layer_dd = w.Dropdown(options=[], description="layer")
     slider = w.IntSlider(min=0, max=0, description="unit (by KL)")
-    image = w.Image(format="png")
+    title, image = w.HTML(), w.Image(format="png")
 
     def update(*_):
         fr = frames[model_dd.value]
@@ -113,12 +121,13 @@ def _explorer_kernel(models, x, image_index, max_units, steps):  # pragma: no co
             layer_dd.options = [f"z{i + 1}" for i in range(len(fr))]
         layer = layer_dd.index or 0
         slider.max = len(fr[layer]) - 1
-        image.value = fr[layer][min(slider.value, slider.max)].png
+        frame = fr[layer][min(slider.value, slider.max)]
+        title.value, image.value = html.escape(frame.title), frame.png
 
     for widget in (model_dd, layer_dd, slider):
         widget.observe(update, names="value")
     update()
-    return w.VBox([model_dd, layer_dd, slider, image])
+    return w.VBox([model_dd, layer_dd, slider, title, image])
 
 
 def frame_count(widget) -> int:

@@ -68,3 +68,254 @@ def test_registry_rows_mark_unfinished_runs(tmp_path):
     get_or_train(cfg, 2, ev, root=tmp_path, device="cpu", progress=False)
     [row] = registry_rows(tmp_path)
     assert row["epochs"] == 2 and row["test L1"] is not None
+    assert row["test L_K"][1] == "L5 (20 images)"  # every L_K says how many test images it covers
+
+
+# -- numbers over seeds, looked up by key ----------------------------------------------------------
+import math  # noqa: E402
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from lvae import analysis, plots, stats  # noqa: E402
+from lvae.config import EvalConfig  # noqa: E402
+
+
+class SeedRun(FakeRun):
+    """A complete run with final test/train L1, L5000 (training-time on ``n_iw`` images, and
+    ``lvae eval`` rows) and, optionally, stored per-image values."""
+
+    def __init__(self, l1, lk=None, n_iw=500, evals=(), per_image=None, active=(3, 1), status="complete", epochs=10):
+        row = {"epoch": epochs, "train_L1": l1 + 0.5, "test_L1": l1, "test_L1_se": 0.25, "n_test": 10_000,
+               "active_units": list(active), "kl_units": [[0.5] * active[0] + [0.0], [0.5] * active[1] + [0.0]]}
+        if lk is not None:
+            row.update(test_LK=lk, test_LK_se=1.0, iw_k=5000, n_iw=n_iw, iw_seconds=3.0)
+        super().__init__([row], list(evals), epochs=epochs, ok=status == "complete")
+        self.status, self.eval_config, self._per_image = status, EvalConfig(train_subset=10_000), per_image
+        self.provenance = {"status": status, "epochs": epochs, "target_epochs": 10}
+
+    def result(self, key):
+        return self.last(key)
+
+    def last(self, key):
+        return next((r[key] for r in reversed(self._m) if key in r), None)
+
+    def per_image(self, k=None, n=None):
+        p = self._per_image
+        return None if p is None or (n is not None and p["n"] != n) else p
+
+
+def test_seed_mean_three_seeds_one_seed_and_missing():
+    runs = {("vae", 2, s): SeedRun(v) for s, v in enumerate([-99.0, -98.0, -97.5])}
+    sm = analysis.seed_mean(runs, "vae", 2, "test_L1")
+    ref = stats.mean_ci([-99.0, -98.0, -97.5])
+    assert (sm.value, sm.estimate.half_width, sm.n_seeds, sm.n_images) == (ref.mean, ref.half_width, 3, 10_000)
+    assert sm.text() == ref.text() and sm.cell() == (ref.text(), "s.e. 0.25 (images)", "3 seeds")
+    assert sm.spread_text() == ref.text()[len(f"{ref.mean:.2f}"):].strip()
+    # one seed: the test-image s.e. and "1 seed"; the seeds listed without a run say why
+    one = analysis.seed_mean({("vae", 2, 0): runs[("vae", 2, 0)], ("vae", 2, 1): None,
+                              ("vae", 2, 2): SeedRun(-90.0, status="partial", epochs=4)}, "vae", 2, "test_L1")
+    assert one.cell() == ("-99.00 ± 0.25 s.e.", "1 seed")
+    assert one.spread_text() == "± 0.25 s.e."
+    assert one.missing == {1: "not run", 2: "partial, 4 of 10 epochs"}
+    assert analysis.seeds_cell([one], 3) == ("1 of 3", "seed 1: not run", "seed 2: partial, 4 of 10 epochs")
+
+
+def _grid(order_seed: int) -> dict:
+    """Two VAE variants and the LVAE at depths 1-2, seeds 0-2, inserted in a shuffled order. vae_bn
+    has the best seed 0 but vae_bn_wu the best mean; the LVAE's seed 0 has L5000 on 10,000 images too."""
+    l1 = {("vae_bn", 2): [-97.0, -100.0, -100.0], ("vae_bn_wu", 2): [-98.0, -98.5, -98.0],
+          ("lvae_bn_wu", 2): [-98.2, -98.4, -98.6]}
+    runs = {}
+    for (v, d), vals in l1.items():
+        for s, x in enumerate(vals):
+            evals = [_eval(x + 8.5, 10_000, 600.0)] if (v == "lvae_bn_wu" and s == 0) else []
+            runs[(v, d, s)] = SeedRun(x, lk=x + 9.0, evals=evals)
+            runs[(v, 1, s)] = SeedRun(x - 10.0, lk=x - 1.0)
+    items = list(runs.items())
+    random.Random(order_seed).shuffle(items)
+    return dict(items)
+
+
+def test_headline_is_keyed_averages_seeds_and_says_its_images():
+    h = analysis.headline(_grid(0), 2)
+    assert tuple(h) == analysis.HEADLINE_KEYS
+    assert h["mnist_best_vae_test_L1"]["model"] == ("vae_bn_wu", 2)  # best mean, not the best seed 0
+    assert h["mnist_lvae5_test_L1"]["value"] == pytest.approx(-98.4)
+    assert h["mnist_lvae5_test_L1"]["seeds"] == 3
+    # L5000 on the images every seed of both models has: 500 (only one seed was evaluated on 10,000)
+    lk = h["mnist_lvae5_test_L5000"]
+    assert (lk["n"], lk["measured as"], lk["value"]) == (500, "L5000 (500 images)", pytest.approx(-89.4))
+    assert h["t1_lvae5"]["value"] == lk["value"]
+    for order in (1, 2):  # the same rows whatever the order of the runs
+        again = analysis.headline(_grid(order), 2)
+        assert [r["value"] for r in again.values()] == [r["value"] for r in h.values()]
+
+
+def test_lk_images_takes_the_most_images_all_runs_share():
+    a = SeedRun(-98.0, lk=-90.0, evals=[_eval(-90.5, 10_000, 600.0)])
+    b = SeedRun(-98.0, lk=-90.0, evals=[_eval(-90.4, 10_000, 600.0)])
+    assert analysis.lk_images([a, b]) == 10_000
+    assert analysis.lk_images([a, b, SeedRun(-98.0, lk=-91.0)]) == 500
+    assert analysis.lk_images([None, SeedRun(-98.0)]) is None
+    runs = {("lvae_bn_wu", 2, 0): a, ("lvae_bn_wu", 2, 1): b}
+    [row] = [r for r in analysis.table1_rows(runs, 2) if r["key"] == "t1_lvae5"]
+    assert row["estimate"].n_images == 10_000 and row["ours: run"] == ("LVAE+BN+WU 2-layer: L5000 (10,000 images)",)
+    assert row["estimate"].value == pytest.approx(-90.45)
+
+
+def test_grid_rows_columns_say_images_and_seeds():
+    rows = analysis.grid_rows(_grid(0), ["vae_bn", "vae_bn_wu", "lvae_bn_wu"])
+    assert [(r["model"], r["layers"]) for r in rows][:2] == [("VAE+BN", 1), ("VAE+BN", 2)]
+    assert "test L5000 (500 images)" in rows[0] and rows[0]["seeds"] == "3 of 3"
+    assert rows[1]["test L1"][0] == stats.mean_ci([-97.0, -100.0, -100.0]).text()
+
+
+def test_difference_is_paired_when_per_image_values_exist():
+    rng = np.random.default_rng(0)
+    base = rng.normal(-90.0, 10.0, size=200)
+    per = {s: {"test_L1": base + rng.normal(0, 0.5, 200) + (0.3 if s < 2 else 0.0), "n": 200} for s in range(4)}
+    runs = {("lvae_bn_wu", 2, s): SeedRun(float(per[s]["test_L1"].mean()), per_image=per[s]) for s in (0, 1)}
+    runs.update({("vae_bn_wu", 2, s - 2): SeedRun(float(per[s]["test_L1"].mean()), per_image=per[s]) for s in (2, 3)})
+    d = analysis.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
+    ref = stats.contrast([(1.0, [per[0]["test_L1"], per[1]["test_L1"]]),
+                          (-1.0, [per[2]["test_L1"], per[3]["test_L1"]])])
+    assert d == ref and d.excludes(0.0)
+    runs[("vae_bn_wu", 2, 0)]._per_image = None  # a run without per-image values: from the means
+    d2 = analysis.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
+    assert d2.mean == pytest.approx(d.mean) and d2.half_width > d.half_width
+
+
+def test_active_unit_counts_take_recomputed_kl_by_key():
+    runs = {("vae", 2, s): SeedRun(-99.0, active=(3, 1)) for s in range(3)}
+    counts = analysis.active_unit_counts(runs, ["vae"], 2)
+    assert [c.value for c in counts["vae"]] == [3, 1, 4]
+    new = {("vae", 2, 1): [np.array([0.5, 0.5, 0.5, 0.5]), np.array([0.0, 0.005])]}
+    counts = analysis.active_unit_counts(runs, ["vae"], 2, new)
+    assert counts["vae"][-1].values == {0: 4.0, 1: 4.0, 2: 4.0} and counts["vae"][1].values[1] == 0.0
+    split = analysis.layer_kl(runs, ["vae"], 2, new)["vae"]
+    assert split["recomputed"] == [1] and split["upper"].n_seeds == 3
+
+
+def test_curves_vs_depth_draws_the_ci_over_seeds():
+    import matplotlib.pyplot as plt
+
+    est = analysis.grid_estimates(_grid(0), "test_L1")
+    fig = plots.curves_vs_depth({"test L1": est})
+    bars = [c for c in fig.axes[0].containers if c.has_yerr]
+    assert len(bars) == 3
+    plt.close(fig)
+
+
+# -- reading the longer budgets from the registry, never training ----------------------------------
+PROFILES = """
+short: {dataset: synthetic, subset: 64, epochs: 2, warmup_epochs: 1, depths: [1], variants: [lvae_bn_wu, vae_bn_wu],
+        seeds: [0, 1], eval_every: 1, eval_train_subset: 32, test_subset: 20, iw_samples: 5}
+long: {dataset: synthetic, subset: 64, epochs: 3, warmup_epochs: 2, depths: [1], variants: [lvae_bn_wu, vae_bn_wu],
+       seeds: [0, 1], eval_every: 1, eval_train_subset: 32, test_subset: 20, iw_samples: 5}
+never: {dataset: synthetic, subset: 64, epochs: 9, depths: [1], variants: [lvae_bn_wu], seeds: [0]}
+"""
+
+
+def test_budget_runs_read_finished_and_partial_runs_and_train_nothing(tmp_path, monkeypatch, one_thread):
+    import matplotlib.pyplot as plt
+
+    from lvae.profiles import experiment, get_run, load_profile
+    from lvae.runs import get_or_train
+
+    (tmp_path / "profiles.yml").write_text(PROFILES)
+    monkeypatch.setenv("LVAE_PROFILES", str(tmp_path / "profiles.yml"))
+    root = tmp_path / "results"
+    for v in ("lvae_bn_wu", "vae_bn_wu"):
+        for s in (0, 1):
+            get_run("short", v, 1, s, progress=False, root=root)
+    cfg, ecfg = experiment(load_profile("long"), "lvae_bn_wu", 1, 0)
+    get_or_train(cfg, 3, ecfg, root=root, device="cpu", progress=False, stop_after=1)  # partial: 1 of 3
+    before = sorted(p.name for p in root.iterdir())
+
+    budgets = analysis.budget_runs(1, dataset="synthetic", root=root)
+    assert list(budgets) == ["short", "long"]  # "never" has no run and no row
+    assert budgets["long"][("vae_bn_wu", 1, 0)] is None
+    # the same configuration trained for other epochs belongs to another budget
+    monkeypatch.setenv("LVAE_PROFILES", str(tmp_path / "other.yml"))
+    (tmp_path / "other.yml").write_text(PROFILES.replace("epochs: 2, warmup_epochs: 1", "epochs: 5, warmup_epochs: 1"))
+    assert list(analysis.budget_runs(1, dataset="synthetic", root=root)) == ["long"]
+    monkeypatch.setenv("LVAE_PROFILES", str(tmp_path / "profiles.yml"))
+    assert sorted(p.name for p in root.iterdir()) == before  # nothing trained
+    rows = {r["key"]: r for r in analysis.budget_rows(budgets)}
+    assert rows[("lvae_bn_wu", 1, "short")]["seeds"] == "2 of 2"
+    assert rows[("lvae_bn_wu", 1, "long")]["seeds"] == ("0 of 2", "seed 0: partial, 1 of 3 epochs", "seed 1: not run")
+    assert rows[("lvae_bn_wu", 1, "long")]["test L1"] == "—"
+    diffs = {r["profile"]: r for r in analysis.budget_differences(budgets)}
+    assert diffs["short"]["estimates"]["test_L1"] is not None and diffs["long"]["test L1"] is None
+    curves = analysis.learning_curves(budgets)
+    [partial] = curves["long"]["lvae_bn_wu"]
+    assert partial["state"] == "partial, 1 of 3 epochs" and list(partial["epochs"]) == [1]
+    assert len(curves["short"]["vae_bn_wu"]) == 2
+    fig = plots.learning_curves(curves)
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 2 * (2 * 2 + 2)  # 2 variants x (2 seeds x 2 + 2 means)
+    plt.close(fig)
+
+
+# -- per-unit KL, checked against closed forms and Monte Carlo on tiny models -----------------------
+def _tiny(inference: str, latent=(3, 2)):
+    """A small double-precision model; variances of at least 0.3 keep log-densities (and the Monte
+    Carlo spread) moderate."""
+    from lvae.config import ModelConfig
+    from lvae.models import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(x_dim=6, latent_sizes=latent, hidden_sizes=(8, 6)[:len(latent)], inference=inference,
+                      batch_norm=False, var_eps=0.3)
+    return build_model(cfg).double().eval(), torch.rand(5, 6, generator=torch.Generator().manual_seed(1)).double()
+
+
+def _mc_kl(model, x, n: int = 200_000) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Reference: log q(z_i|.) - log p(z_i|z_i+1) per unit, averaged over n joint posterior samples
+    per image; and its standard error."""
+    from lvae.gaussian import log_normal, log_standard_normal
+
+    with torch.no_grad():
+        p = model(x, n, torch.Generator().manual_seed(123))
+        mean, se = [], []
+        for lay in p.layers:
+            lp = log_standard_normal(lay.z) if lay.mu_p is None else log_normal(lay.z, lay.mu_p, lay.var_p)
+            d = (log_normal(lay.z, lay.mu_q, lay.var_q) - lp).reshape(-1, lay.z.shape[-1])
+            mean.append(d.mean(0))
+            se.append(d.std(0) / math.sqrt(len(d)))
+    return mean, se
+
+
+def test_kl_per_unit_one_layer_is_the_closed_form():
+    from lvae.bounds import kl_per_unit
+    from lvae.gaussian import kl_standard_normal
+
+    model, x = _tiny("bottom_up", latent=(3,))
+    mu, var = model.upward(x)
+    [kl] = kl_per_unit(model, x, samples=7, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(kl, kl_standard_normal(mu, var).mean(0))
+    with pytest.raises(ValueError, match="samples=0"):
+        kl_per_unit(model, x, samples=0)
+
+
+@pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
+def test_kl_per_unit_averages_samples_towards_the_monte_carlo_value(inference):
+    from lvae.bounds import kl_per_unit
+    from lvae.gaussian import kl_standard_normal
+
+    model, x = _tiny(inference)
+    ref, se = _mc_kl(model, x)
+    samples = 20_000
+    many = kl_per_unit(model, x, samples=samples, generator=torch.Generator().manual_seed(0))
+    one = kl_per_unit(model, x, samples=1, generator=torch.Generator().manual_seed(0))
+    for layer, (m, r, e) in enumerate(zip(many, ref, se)):
+        # the estimate's own s.e. is at most sqrt(200,000 / 20,000) times the reference's
+        tol = 5 * e * math.sqrt(1 + 200_000 / samples) + 1e-9
+        assert ((m - r).abs() <= tol).all(), (layer, m, r, tol)
+    # the estimate with one sample is further from the reference than with many
+    err = lambda est: max(float((a - r).abs().max()) for a, r in zip(est, ref))  # noqa: E731
+    assert err(many) < err(one)
+    if inference == "ladder":  # the LVAE's top layer: q(z_L|x) against N(0, I), no sampling at all
+        mu, var = model.upward(x)[-1]
+        assert torch.allclose(many[-1], kl_standard_normal(mu, var).mean(0))

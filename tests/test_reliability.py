@@ -3,10 +3,12 @@ that names the fix, and nothing that was stored before is lost."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import random
+import re
 import struct
 from pathlib import Path
 
@@ -17,8 +19,10 @@ import torch
 import lvae
 from lvae import data as datasets
 from lvae import runs
-from lvae.bounds import iw_bound, kl_per_unit, training_bound
+from lvae.bounds import iw_bound, iw_bound_batched, kl_per_unit, training_bound
 from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from lvae.gaussian import NoiseReplay
+from lvae.models import draw_noise
 from lvae.profiles import load_profile
 from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run, RunError, get_or_train, read_jsonl
 from helpers import same
@@ -33,8 +37,8 @@ FIX = r"delete|move it away|restore"  # every RunError about a damaged file says
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def train(root, epochs=3, **kw) -> Run:
-    return get_or_train(CONFIG, epochs, ECONFIG, root=root, progress=False, **kw)
+def train(root, epochs=3, eval_config=ECONFIG, **kw) -> Run:
+    return get_or_train(CONFIG, epochs, eval_config, root=root, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +98,98 @@ def test_read_jsonl_tolerates_only_a_torn_last_line(tmp_path):
     with pytest.raises(RunError, match="corrupted"):
         read_jsonl(p)
     assert read_jsonl(tmp_path / "absent.jsonl") == []
+
+
+def strict_json(text: str):
+    """json.loads that refuses the bare NaN / Infinity which Python's json writes by default."""
+    def refuse(token):
+        raise ValueError(f"bare {token} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_no_file_holds_a_bare_nan(tmp_path):
+    """A non-finite number is written as null: every file stays valid JSON (issue 13, finding 1)."""
+    row = {"epoch": 1, "test_L1": float("nan"), "kl_units": [[0.5, float("inf")]], "iw_k": 8, "ok": True}
+    runs.append_jsonl(tmp_path / "evals.jsonl", row)
+    runs.write_jsonl(tmp_path / "metrics.jsonl", [row])
+    runs.atomic_write_json(tmp_path / "provenance.json", {"wall_seconds": float("-inf"), "epochs": 2})
+    want = {"epoch": 1, "test_L1": None, "kl_units": [[0.5, None]], "iw_k": 8, "ok": True}
+    for name in ("evals.jsonl", "metrics.jsonl"):
+        assert [strict_json(line) for line in (tmp_path / name).read_text().splitlines()] == [want]
+    assert strict_json((tmp_path / "provenance.json").read_text()) == {"wall_seconds": None, "epochs": 2}
+
+
+def test_a_run_evaluated_on_one_image_writes_valid_json(tmp_path):
+    """The standard error of one image is undefined (NaN): stored as null, the run is complete."""
+    run = train(tmp_path, epochs=1, eval_config=dataclasses.replace(ECONFIG, test_subset=1))
+    assert run.status == "complete" and run.metrics()[-1]["test_L1_se"] is None
+    for f in run.path.glob("*.json*"):
+        for line in f.read_text().splitlines() if f.suffix == ".jsonl" else [f.read_text()]:
+            strict_json(line)
+
+
+def test_appending_cuts_off_a_torn_last_line(tmp_path):
+    p = tmp_path / "evals.jsonl"
+    p.write_text('{"a": 1}\n{"a": 2, "b')  # a writer killed mid-row
+    runs.append_jsonl(p, {"a": 3})
+    assert p.read_text() == '{"a": 1}\n{"a": 3}\n'
+
+
+def test_full_disk_names_the_folder_removes_the_temp_file_and_keeps_the_last_good_state(tmp_path, monkeypatch):
+    """A checkpoint write that fails with ENOSPC mid-file (issue 13, finding 4): DiskFullError naming
+    disk space and the folder, no temp file left, the checkpoint of the previous epoch intact, the run
+    ``failed`` (not ``interrupted``); once there is space it resumes to the same numbers."""
+    real = runs._write_all
+    writes = {"n": 0}
+
+    def full_disk(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1].startswith(f".{CHECKPOINT}.tmp-"):
+            writes["n"] += 1
+            if writes["n"] == 2:  # the checkpoint of epoch 2: half of it fits
+                real(fd, data[:len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd, data)
+
+    monkeypatch.setattr(runs, "_write_all", full_disk)
+    with pytest.raises(runs.DiskFullError) as err:
+        train(tmp_path)
+    run = Run(tmp_path / CONFIG.dir_name)
+    assert "no space left on the disk" in str(err.value) and str(run.path) in str(err.value)
+    assert "--out" in str(err.value) and "resumes" in str(err.value)
+    assert [p.name for p in run.path.glob(".*.tmp-*")] == [], "temp file left behind"
+    assert not (run.path / runs.SANE_CHECKPOINT).exists()
+    assert runs.load_checkpoint(run.path / CHECKPOINT)["epoch"] == 1
+    assert run.status == "failed" and "no space left" in run.error and run.epochs == 1
+    monkeypatch.undo()
+    assert rows(train(tmp_path)) == rows(train(tmp_path / "uninterrupted"))
+
+
+def test_a_file_size_limit_in_a_real_process_is_a_clean_error(tmp_path):
+    """The same with a real failing write: a subprocess whose files may not exceed 16 KB (the
+    checkpoint needs more), so the first checkpoint write fails with EFBIG."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write (EFBIG) instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    code = ("import sys, json, torch; torch.set_num_threads(1)\n"
+            "from lvae.config import EvalConfig, RunConfig\nfrom lvae.runs import get_or_train\n"
+            "get_or_train(RunConfig.from_dict(json.loads(sys.argv[2])), 2, EvalConfig(**json.loads(sys.argv[3])),"
+            " root=sys.argv[1], progress=False)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), json.dumps(CONFIG.to_dict()),
+                           json.dumps(dataclasses.asdict(ECONFIG))], preexec_fn=limit, capture_output=True,
+                          text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1
+    assert "DiskFullError" in proc.stderr and "file-size limit" in proc.stderr, proc.stderr[-2000:]
+    assert "unexpected pos" not in proc.stderr
+    run = Run(tmp_path / CONFIG.dir_name)
+    assert [p.name for p in run.path.glob(".*.tmp-*")] == [] and not (run.path / CHECKPOINT).exists()
+    assert run.status == "failed" and "file-size limit" in run.error
+    assert rows(train(tmp_path, epochs=2)) == rows(train(tmp_path / "uninterrupted", epochs=2))
 
 
 def test_torn_metrics_line_and_stale_temp_files_are_repaired_on_resume(trained, tmp_path):
@@ -225,8 +321,14 @@ def test_damaged_or_incompatible_config_json_is_refused(run_copy, content, match
 
 def test_damaged_provenance_is_refused_with_the_fix(run_copy):
     (run_copy / "provenance.json").write_text('{"status": "compl')
-    with pytest.raises(RunError, match="provenance.json is corrupted.*delete it.*resumes from its checkpoint"):
-        Run(run_copy).status
+    fix = "provenance.json is corrupted.*delete it.*resumes from its checkpoint"
+    run = Run(run_copy)
+    assert run.status == "damaged" and re.search(fix, run.error)
+    with pytest.raises(runs.RunDamagedError, match=fix):
+        run.result("test_L1")
+    assert run.result_text("test_L1") == "damaged"
+    with pytest.raises(RunError, match=fix):
+        train(run_copy.parent)  # training refuses it too, before touching anything
     (run_copy / "provenance.json").unlink()  # the fix named in the message works
     run = train(run_copy.parent)
     assert run.status == "complete" and run.epochs == 3
@@ -238,6 +340,82 @@ def test_corrupted_metrics_line_is_refused(run_copy):
     (run_copy / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(RunError, match="line 1 is corrupted; delete the run directory"):
         Run(run_copy).metrics()
+    assert Run(run_copy).status == "damaged" and "line 1 is corrupted" in Run(run_copy).error
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_one_damaged_run_does_not_hide_the_registry(trained, tmp_path, capsys):
+    """A torn provenance.json or a corrupt middle line of metrics.jsonl in one run (issue 13,
+    finding 3): `lvae runs` still lists every run and shows the damaged ones as damaged, with the fix."""
+    from lvae import cli
+
+    good = _copy_run(trained, tmp_path / trained.name)
+    torn = _copy_run(trained, tmp_path / "torn-provenance")
+    (torn / "provenance.json").write_text('{"status": "compl')
+    corrupt = _copy_run(trained, tmp_path / "corrupt-metrics")
+    lines = (corrupt / "metrics.jsonl").read_text().splitlines()
+    lines[1] = "{garbage"
+    (corrupt / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert cli.main(["runs", "--out", str(tmp_path), "--json"]) == 0
+    listed = {r["name"]: r for r in strict_json(capsys.readouterr().out)}
+    assert set(listed) == {good.name, torn.name, corrupt.name}
+    assert listed[good.name]["status"] == "complete" and listed[good.name]["test_L1"] is not None
+    assert listed[torn.name]["status"] == "damaged" and listed[torn.name]["test_L1"] is None
+    assert re.search("provenance.json is corrupted.*delete", listed[torn.name]["error"])
+    assert listed[corrupt.name]["status"] == "damaged" and listed[corrupt.name]["epochs"] == 3
+    assert re.search("line 2 is corrupted; delete the run directory", listed[corrupt.name]["error"])
+    assert cli.main(["runs", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert all(re.search(rf"{name}\s.*{status}", table) for name, status in
+               [(good.name, "complete"), (torn.name, "damaged"), (corrupt.name, "damaged")])
+
+
+@pytest.mark.parametrize("loss", ["deleted", "emptied", "last row cut"])
+def test_lost_metrics_rows_are_reported_as_damage(run_copy, loss):
+    """A deleted or cut metrics.jsonl (issue 13, finding 9): the run is damaged, not complete, and
+    neither reports a number nor trains over the lost history; the message names the fix."""
+    metrics = run_copy / "metrics.jsonl"
+    assert Run(run_copy).provenance["metrics_rows"] == 3  # what the run recorded
+    if loss == "deleted":
+        metrics.unlink()
+    elif loss == "emptied":
+        metrics.write_text("")
+    else:
+        metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()[:-1]))
+    run = Run(run_copy)
+    assert run.status == "damaged" and not run.ok
+    assert re.search(r"metrics.jsonl (is missing|has \d rows), but the run recorded 3.*history is lost.*"
+                     r"restore it.*or delete the run directory", run.error)
+    with pytest.raises(runs.RunDamagedError, match="history is lost"):
+        run.result("test_L1")
+    with pytest.raises(RunError, match="history is lost"):
+        train(run_copy.parent)
+    assert not metrics.exists() or len(read_jsonl(metrics)) < 3  # nothing was rewritten
+
+
+def test_a_complete_run_without_its_final_evaluation_is_damaged(run_copy):
+    """Runs written before provenance recorded the row count (the committed ones, the grid's):
+    a complete run must still have the evaluation of its final epoch."""
+    prov = json.loads((run_copy / "provenance.json").read_text())
+    prov.pop("metrics_rows")
+    (run_copy / "provenance.json").write_text(json.dumps(prov))
+    assert Run(run_copy).status == "complete"
+    (run_copy / "metrics.jsonl").unlink()
+    assert Run(run_copy).status == "damaged"
+    assert "metrics.jsonl is missing, with the evaluation of the final epoch 3" in Run(run_copy).error
+
+
+def test_every_committed_run_reads_as_complete_or_in_progress():
+    """The checks above never flag the registry's committed runs (nor those being trained)."""
+    for run in runs.list_runs(runs.results_dir()):
+        assert run.status in ("complete", "running", "interrupted", "partial"), (run.name, run.error)
+        assert run.damage() is None
 
 
 # -- corrupted or unavailable data files -----------------------------------------------------------
@@ -317,6 +495,29 @@ API_CALLS = {
     "log_joint zs order": (lambda m: m.log_joint(torch.rand(2, 12), [torch.rand(2, 3), torch.rand(2, 4)]),
                            ValueError, "bottom to top"),
     "build_model dict": (lambda m: lvae.build_model({"x_dim": 12}), TypeError, "takes an lvae.ModelConfig"),
+    # meaningless values (issue 13, finding 8)
+    "elbo x > 1": (lambda m: lvae.elbo(m, torch.rand(2, 12) * 255), ValueError, r"in \[0, 1\].*x / 255"),
+    "elbo x < 0": (lambda m: lvae.elbo(m, torch.rand(2, 12) - 0.5), ValueError, r"got values in \[-0\.\d+"),
+    "elbo x nan": (lambda m: lvae.elbo(m, torch.tensor([[float("nan")] * 12])), ValueError, "12 NaN or infinite"),
+    "iw_bound x inf": (lambda m: iw_bound(m, torch.full((2, 12), float("inf")), 4), ValueError, "NaN or infinite"),
+    "training_bound x > 1": (lambda m: training_bound(m, torch.full((2, 12), 2.0), 1.0, 2, 2), ValueError, r"\[0, 1\]"),
+    "log_joint x nan": (lambda m: m.log_joint(torch.full((2, 12), float("nan")), [torch.rand(2, 4), torch.rand(2, 3)]),
+                        ValueError, "NaN"),
+    "sample_posterior x > 1": (lambda m: m.sample_posterior(torch.full((2, 12), 3.0), 2), ValueError, r"\[0, 1\]"),
+    "elbo beta < 0": (lambda m: lvae.elbo(m, torch.rand(2, 12), -1.0), ValueError, "beta=-1.0 must be a finite number >= 0"),
+    "elbo beta nan": (lambda m: lvae.elbo(m, torch.rand(2, 12), float("nan")), ValueError, "beta=nan"),
+    "training_bound beta tensor < 0": (lambda m: training_bound(m, torch.rand(2, 12), torch.tensor(-0.5)), ValueError,
+                                       "beta=tensor"),
+    "training_bound iw_samples=0": (lambda m: training_bound(m, torch.rand(2, 12), 1.0, 1, 0), ValueError,
+                                    "iw_samples=0 must be a positive integer"),
+    "iw_bound chunk_size=0": (lambda m: iw_bound(m, torch.rand(2, 12), 4, chunk_size=0), ValueError,
+                              r"chunk_size=0 must be a positive integer or None \(all k samples at once\)"),
+    "iw_bound chunk_size=-3": (lambda m: iw_bound(m, torch.rand(2, 12), 4, chunk_size=-3), ValueError, "chunk_size=-3"),
+    "iw_bound k=2.5": (lambda m: iw_bound(m, torch.rand(2, 12), 2.5), ValueError, "k=2.5 must be >= 1"),
+    "iw_bound_batched chunk_size=0": (lambda m: iw_bound_batched(m, torch.rand(2, 12), 4, 0, 2), ValueError,
+                                      "chunk_size=0"),
+    "iw_bound_batched batch_size=0": (lambda m: iw_bound_batched(m, torch.rand(2, 12), 4, 2, 0), ValueError,
+                                      "batch_size=0 must be a positive integer"),
 }
 
 
@@ -325,6 +526,54 @@ def test_public_api_refuses_wrong_inputs_with_the_fix(model, call):
     fn, exc, match = API_CALLS[call]
     with pytest.raises(exc, match=match):
         fn(model)
+
+
+def test_gaussian_likelihood_takes_any_finite_x_but_not_nan():
+    model = lvae.build_model(ModelConfig(x_dim=12, latent_sizes=(4, 3), hidden_sizes=(8, 8), likelihood="gaussian"))
+    x = torch.rand(2, 12) * 3 - 1  # outside [0, 1]: a density is defined there
+    assert torch.isfinite(lvae.elbo(model, x)).all() and torch.isfinite(iw_bound(model, x, 4, 2)).all()
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        lvae.elbo(model, x.masked_fill(x > 1.5, float("nan")).index_fill(1, torch.tensor([0]), float("nan")))
+
+
+def test_valid_inputs_at_the_edges_are_accepted():
+    model = lvae.build_model(ModelConfig(x_dim=12, latent_sizes=(4, 3), hidden_sizes=(8, 8))).eval()
+    x = torch.tensor([[0.0] * 6 + [1.0] * 6])
+    for beta in (0.0, 1, 0.5, torch.tensor(1.0)):
+        assert torch.isfinite(training_bound(model, x, beta)).all()
+    assert iw_bound(model, x, 4, chunk_size=100).shape == (1,)  # a chunk larger than k is all k at once
+    assert iw_bound(model, x[:0], 4).shape == (0,)
+
+
+def _replay_in_chunks(eps: list[torch.Tensor], chunk: int) -> NoiseReplay:
+    """The noise of one draw of all K samples, in the order iw_bound consumes it with ``chunk``."""
+    k = eps[0].shape[0]
+    return NoiseReplay([e[s:s + chunk] for s in range(0, k, chunk) for e in eps])
+
+
+@pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
+def test_iw_bound_chunk_size_changes_the_samples_not_the_estimator(inference):
+    """What the iw_bound docstring states (issue 13, finding 10): the same samples give the same
+    L_K whatever the chunking (rounding aside); the same generator with another chunk size draws
+    other samples, so the values differ by Monte Carlo error, not by a bias."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(x_dim=12, latent_sizes=(4, 3), hidden_sizes=(8, 8), inference=inference)
+    model = lvae.build_model(cfg).eval()
+    x = torch.bernoulli(torch.full((200, 12), 0.4), generator=torch.Generator().manual_seed(1))
+    k = 100
+    eps = draw_noise(cfg, k, len(x), torch.Generator().manual_seed(2), "cpu")
+    whole = iw_bound(model, x, k, None, NoiseReplay(list(eps)))
+    for chunk in (1, 7, 64, 100):
+        torch.testing.assert_close(iw_bound(model, x, k, chunk, _replay_in_chunks(eps, chunk)), whole,
+                                   rtol=1e-5, atol=1e-4)
+    a = iw_bound(model, x, k, 7, torch.Generator().manual_seed(3))
+    b = iw_bound(model, x, k, None, torch.Generator().manual_seed(3))
+    diff = (a - b).double()
+    assert diff.abs().max() > 1e-3  # other samples...
+    assert abs(diff.mean()) < 4 * diff.std() / len(diff) ** 0.5  # ...from the same distribution
+    doc = " ".join(iw_bound.__doc__.split())
+    assert "does not depend on the chunk size beyond" not in doc.split("Given the same samples")[0]
+    assert "draw *different* samples" in doc
 
 
 @pytest.mark.parametrize("call", ["int64 x", "float64 x", "log_joint batch mismatch"])

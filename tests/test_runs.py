@@ -5,16 +5,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
 
 import lvae.data
+import lvae.runs
 import lvae.train
 from lvae import cli
 from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.runs import (
     CHECKPOINT,
+    SANE_CHECKPOINT,
+    WEIGHTS_FP16,
     Run,
     RunFailedError,
     RunIncompleteError,
@@ -154,7 +158,7 @@ def test_non_finite_training_stops_keeps_last_good_checkpoint_and_fails_the_run(
     inject(monkeypatch, at_call, kind)
     with pytest.raises(NonFiniteLossError, match=message) as err:
         train(tmp_path / "bad", ecfg=ecfg)
-    assert "last good checkpoint is kept" in str(err.value) and "learning rate" in str(err.value)
+    assert "keeps its checkpoint of epoch 1" in str(err.value) and "learning rate" in str(err.value)
     run = Run(tmp_path / "bad" / CONFIG.dir_name)
     assert run.status == "failed" and run.epochs == 1 and message.replace("\\", "")[:20] in run.error
     assert same(state(run), state(good))  # checkpoint of epoch 1 kept, bit-identical; no row of epoch 2
@@ -171,6 +175,144 @@ def test_non_finite_training_stops_keeps_last_good_checkpoint_and_fails_the_run(
     monkeypatch.undo()
     assert same(state(train(tmp_path / "bad", ecfg=ecfg)), state(train(tmp_path / "ok", ecfg=ecfg)))
     assert Run(run.path).status == "complete" and Run(run.path).error is None
+
+
+# -- evaluations that are not sane (issue 13, findings 1 and 2) -------------------------------------
+def spoil_evaluation(monkeypatch, at_epoch: int, **values) -> None:
+    """Make the evaluation of ``at_epoch`` return ``values`` (e.g. test_L1=nan) instead of its own."""
+    real = lvae.runs.evaluate
+
+    def spoiled(model, data, cfg, ecfg, epoch, *args, **kwargs):
+        out = real(model, data, cfg, ecfg, epoch, *args, **kwargs)
+        return {**out, **values} if epoch + 1 == at_epoch else out
+
+    monkeypatch.setattr(lvae.runs, "evaluate", spoiled)
+
+
+def strict_json(text: str):
+    return json.loads(text, parse_constant=lambda token: pytest.fail(f"bare {token} in a file"))
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"test_L1": float("nan")}, r"epoch 2 is not sane: non-finite values \(test_L1=nan\)"),
+    ({"test_LK": float("-inf")}, r"epoch 2 is not sane: non-finite values \(test_LK=-inf\)"),
+    ({"kl_units": [[float("nan")] * 4, [0.1] * 2]}, r"non-finite values \(kl_units=non-finite entries\)"),
+    ({"test_L1": -4.9e12}, r"test_L1 = -4\.9e\+12 nats per image, more than 10 times below the -44\.4 of a model "
+                          r"that predicts 0\.5 for every pixel"),
+])
+def test_an_insane_evaluation_fails_the_run_and_keeps_the_last_sane_checkpoint(
+        monkeypatch, tmp_path, capsys, values, message):
+    """A NaN evaluation, or a bound far below the trivial model's, was recorded as a complete run;
+    now the run fails naming the epoch and the fix, records no insane number, and keeps the
+    checkpoint of its last sane evaluation."""
+    ecfg = dataclasses.replace(ECONFIG, every=1)
+    good = train(tmp_path / "good", ecfg=ecfg, stop_after=1)
+    spoil_evaluation(monkeypatch, 2, **values)
+    with pytest.raises(lvae.train.DivergedError, match=message) as err:
+        train(tmp_path / "bad", ecfg=ecfg)
+    assert "lower the learning rate (lr=0.001; --lr on the command line)" in str(err.value)
+    assert "keeps its checkpoint of epoch 1" in str(err.value)
+    run = Run(tmp_path / "bad" / CONFIG.dir_name)
+    assert run.status == "failed" and run.epochs == 1 and re.search(message, run.error)
+    assert same(state(run), state(good))  # checkpoint and rows of epoch 1; no row of epoch 2
+    with pytest.raises(RunFailedError):
+        run.result("test_L1")
+    for f in run.path.glob("*.json*"):
+        for line in f.read_text().splitlines() if f.suffix == ".jsonl" else [f.read_text()]:
+            strict_json(line)
+    assert cli.main(["runs", "--out", str(tmp_path / "bad"), "--json"]) == 0
+    assert strict_json(capsys.readouterr().out)[0]["status"] == "failed"
+
+
+def test_an_insane_first_evaluation_keeps_no_checkpoint(monkeypatch, tmp_path):
+    spoil_evaluation(monkeypatch, 1, test_L1=float("nan"))
+    with pytest.raises(lvae.train.DivergedError, match="epoch 1 is not sane.*keeps no checkpoint"):
+        train(tmp_path, ecfg=dataclasses.replace(ECONFIG, every=1))
+    run = Run(tmp_path / CONFIG.dir_name)
+    assert run.status == "failed" and run.epochs == 0 and run.metrics() == []
+    assert not (run.path / CHECKPOINT).exists() and not (run.path / WEIGHTS_FP16).exists()
+
+
+def test_a_failure_between_evaluations_rolls_back_to_the_last_evaluated_checkpoint(monkeypatch, tmp_path):
+    """Evaluations every 2 epochs, the one of epoch 4 insane: the checkpoint (and fp16 weights) of
+    epoch 3 were never evaluated, so the run goes back to those of epoch 2."""
+    good = train(tmp_path / "good", stop_after=2)
+    spoil_evaluation(monkeypatch, 4, test_L1=float("nan"))
+    with pytest.raises(lvae.train.DivergedError, match="epoch 4 is not sane.*keeps its checkpoint of epoch 2"):
+        train(tmp_path / "bad")
+    run = Run(tmp_path / "bad" / CONFIG.dir_name)
+    assert run.epochs == 2 and same(state(run), state(good))
+    assert same(torch.load(run.path / WEIGHTS_FP16, weights_only=True), torch.load(good.path / WEIGHTS_FP16,
+                                                                                  weights_only=True))
+    assert not (run.path / SANE_CHECKPOINT).exists()
+    monkeypatch.undo()
+    assert same(state(train(tmp_path / "bad")), state(train(tmp_path / "ok")))  # and resumes from there
+
+
+def test_a_training_bound_that_keeps_getting_worse_fails_the_run(monkeypatch, tmp_path):
+    """After warm-up the training L1 falls at three evaluations in a row, by more than a tenth of
+    the trivial bound in all: the run fails at the third."""
+    real = lvae.runs.evaluate
+    first = {}
+
+    def worsening(model, data, cfg, ecfg, epoch, *args, **kwargs):
+        out = real(model, data, cfg, ecfg, epoch, *args, **kwargs)
+        first.setdefault("L1", out["train_L1"])
+        return {**out, "train_L1": first["L1"] - 2.0 * epoch}  # 2 nats worse per epoch
+
+    monkeypatch.setattr(lvae.runs, "evaluate", worsening)
+    with pytest.raises(lvae.train.DivergedError, match=r"epoch 6 is not sane: train_L1 fell at 3 evaluations in a "
+                                                       r"row after warm-up.*at epoch 3.*keeps getting worse"):
+        train(tmp_path, epochs=8, ecfg=dataclasses.replace(ECONFIG, every=1))
+    assert Run(tmp_path / CONFIG.dir_name).epochs == 5
+
+
+def test_evaluation_problem_thresholds():
+    from lvae.train import SANITY_FACTOR, evaluation_problem, trivial_bound
+
+    assert trivial_bound(784, "bernoulli") == pytest.approx(-543.4, abs=0.05)
+    assert trivial_bound(2048, "gaussian") == pytest.approx(-2048 * 1.0439, abs=0.5)
+    row = {"epoch": 1, "beta": 0.0, "train_L1": -500.0, "test_L1": -520.0, "test_L1_se": float("nan")}
+    assert evaluation_problem(row, [], 784, "bernoulli") is None  # an undefined standard error is not insane
+    floor = SANITY_FACTOR * trivial_bound(784, "bernoulli")
+    assert evaluation_problem({**row, "test_L1": floor + 1}, [], 784, "bernoulli") is None
+    assert "test_L1" in evaluation_problem({**row, "test_L1": floor - 1}, [], 784, "bernoulli")
+    assert evaluation_problem({**row, "test_L1": -6000.0}, [], 784, "gaussian") is None  # its own floor: -8187
+    # worsening: only after warm-up, only three falls in a row, only by more than 54 nats in all
+    hist = [{"epoch": e, "beta": 1.0, "train_L1": -100.0 - 20 * e} for e in (1, 2, 3)]
+    assert "keeps getting worse" in evaluation_problem({"epoch": 4, "beta": 1.0, "train_L1": -180.0}, hist, 784,
+                                                       "bernoulli")
+    assert evaluation_problem({"epoch": 4, "beta": 1.0, "train_L1": -150.0}, hist, 784, "bernoulli") is None
+    assert evaluation_problem({"epoch": 4, "beta": 0.9, "train_L1": -180.0}, hist, 784, "bernoulli") is None
+    assert evaluation_problem({"epoch": 4, "beta": 1.0, "train_L1": -180.0}, hist[1:], 784, "bernoulli") is None
+
+
+def test_no_committed_run_would_have_failed_the_sanity_checks():
+    """Replaying every evaluation of the registry's runs through the checks: none trips them."""
+    from lvae.runs import list_runs, results_dir
+    from lvae.train import evaluation_problem
+
+    runs = list_runs(results_dir())
+    for run in runs:
+        rows = run.metrics()
+        for i, row in enumerate(rows):
+            assert evaluation_problem(row, rows[:i], run.config.model.x_dim, run.config.model.likelihood) is None
+
+
+# -- run names (issue 13, finding 7) -----------------------------------------------------------------
+@pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden", "..", "-x", "x" * 101, "a\x00b"])
+def test_a_run_name_must_be_one_folder_name(tmp_path, name):
+    with pytest.raises(ConfigError, match=r"is not a single folder name.*e\.g\. --name my-run"):
+        train(tmp_path / "out", config=dataclasses.replace(CONFIG, name=name))
+    assert list(tmp_path.iterdir()) == []  # nothing written, inside --out or beside it
+
+
+def test_cli_name_escaping_out_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--name", "../x", "--out", str(tmp_path / "out"), "--epochs", "1", "--warmup-epochs", "1",
+                  "--quiet"])
+    assert exit_.value.code == 2 and "is not a single folder name" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- refusals before any work ----------------------------------------------------------------------

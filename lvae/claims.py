@@ -1,0 +1,955 @@
+"""Every claim of the paper (sections 3-4, Tables 1-2, Figs 2-10) with a verdict computed from our runs.
+
+A claim is data (:class:`Claim`): where the paper makes it, its words, the paper's number or
+statement, and the test that decides it on a profile's runs. :func:`evaluate` turns every claim
+into a :class:`Row` for one profile: ours (mean over seeds with a 95 % CI), the seeds and test
+images behind it, the budget, the verdict and how it was decided. Nothing is trained here: runs
+are looked up read-only in the registry (a missing run makes its claims "not run").
+
+The verdict rule (:func:`decide`), for an estimate with a 95 % CI and the claim's test:
+
+* no complete run behind the estimate -> **not run** (a failed run is never a number);
+* fewer than :data:`MIN_SEEDS` seeds on a side -> **unresolved at this budget**: the spread between
+  training seeds is unknown, so the CI (shown) covers the test images only;
+* the CI on the claim's side of its threshold -> **reproduced**; entirely on the other side ->
+  **not reproduced**, except for claims about the paper's absolute numbers (``budget_limited``):
+  there ours below the paper's at a smaller budget than the paper's is **unresolved at this
+  budget** (more training raises our numbers); a CI across the threshold -> **unresolved at this
+  budget**.
+
+Tests: ``greater`` (the quantity > threshold, e.g. A - B > 0), ``at_most`` (the quantity <=
+threshold, e.g. "does not improve": deeper - shallower <= :data:`NEGLIGIBLE_NATS`) and ``within``
+(|quantity - paper's number| <= tolerance). A claim made of several parts (e.g. "improves for each
+additional layer") is reproduced when every part is, not reproduced when any part is not, and
+otherwise takes the first of not run / unresolved that a part has (:func:`combine`).
+
+Two models are compared image by image (:func:`lvae.stats.contrast`) when every run on both sides
+stored per-image values on the same test images; otherwise by an unpaired difference of seed
+means (:func:`lvae.stats.contrast_of_means`), and the row says which.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import paper, stats
+from .analysis import active_units, best_lk, final
+from .experiments import FIG3_VARIANTS, VARIANTS, finetune_config
+from .profiles import Profile, experiment, load_profile
+from .runs import Run, RunError, results_dir
+from .stats import Estimate
+
+# -- verdicts and the rule -----------------------------------------------------------------------
+REPRODUCED = "reproduced"
+NOT_REPRODUCED = "not reproduced"
+UNRESOLVED = "unresolved at this budget"
+NOT_RUN = "not run"
+QUALITATIVE = "qualitative (no verdict)"
+VERDICTS = (REPRODUCED, NOT_REPRODUCED, UNRESOLVED, NOT_RUN, QUALITATIVE)
+
+MIN_SEEDS = 2  # fewer seeds per model: the seed spread is unknown, no verdict
+VALUE_TOLERANCE_NATS = 0.5  # "ours equals the paper's number": within this many nats
+NEGLIGIBLE_NATS = 0.1  # "does not improve": a gain of at most this many nats
+OVERFIT_DROP_NATS = 0.5  # over-fitting: final test L1 below the run's best test L1 by more than this
+FEW_NEW_UNITS = 0.05  # "very few new units activated": at most this fraction of the latent units
+ACTIVE_LAYER_TOLERANCE = 0.5  # counts of active layers: within +-0.5 of the stated count (i.e. equal)
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """What the claim asserts about a quantity: ``greater`` (> threshold), ``at_most`` (<= threshold)
+    or ``within`` (|quantity - threshold| <= tolerance). ``budget_limited``: the quantity grows with
+    training (an absolute log-likelihood), so falling short of the paper at a smaller budget than
+    the paper's does not contradict it."""
+
+    kind: str
+    threshold: float = 0.0
+    tolerance: float = 0.0
+    budget_limited: bool = False
+
+    def __post_init__(self):
+        if self.kind not in ("greater", "at_most", "within"):
+            raise ValueError(f"Test kind {self.kind!r}: choose 'greater', 'at_most' or 'within'")
+
+    def text(self) -> str:
+        if self.kind == "greater":
+            return f"> {self.threshold:+g}"
+        if self.kind == "at_most":
+            return f"≤ {self.threshold:+g}"
+        return f"within {self.threshold:g} ± {self.tolerance:g}"
+
+
+def decide(est: Estimate | None, test: Criterion, at_paper_budget: bool = False) -> tuple[str, str]:
+    """(verdict, reason) for ``est`` under ``test``; the rule of the module docstring."""
+    if est is None:
+        return NOT_RUN, "no complete run"
+    if est.n_seeds < MIN_SEEDS or not est.seed_se_known:
+        return UNRESOLVED, (f"{est.n_seeds} seed{'s' if est.n_seeds != 1 else ''} (fewer than {MIN_SEEDS} on a side): "
+                            f"the spread between seeds is unknown")
+    if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
+        return UNRESOLVED, "no confidence interval"
+    short = UNRESOLVED if test.budget_limited and not at_paper_budget else NOT_REPRODUCED
+    why_short = " at a smaller budget than the paper's" if short == UNRESOLVED else ""
+    t = test.threshold
+    if test.kind == "greater":
+        if est.lo > t:
+            return REPRODUCED, f"CI above {t:+g}"
+        if est.hi <= t:  # a zero-width CI at the threshold (equal counts in every seed) is not "greater"
+            return short, f"CI at or below {t:+g}{why_short}"
+        return UNRESOLVED, f"CI contains {t:+g}"
+    if test.kind == "at_most":
+        if est.hi <= t:
+            return REPRODUCED, f"CI at or below {t:+g}"
+        if est.lo > t:
+            return NOT_REPRODUCED, f"CI above {t:+g}"
+        return UNRESOLVED, f"CI contains {t:+g}"
+    lo_band, hi_band = t - test.tolerance, t + test.tolerance
+    if est.lo >= lo_band and est.hi <= hi_band:
+        return REPRODUCED, f"CI within ± {test.tolerance:g} of {t:g}"
+    if est.hi < lo_band:
+        return short, f"CI below {t:g} − {test.tolerance:g}{why_short}"
+    if est.lo > hi_band:
+        return NOT_REPRODUCED, f"CI above {t:g} + {test.tolerance:g}"
+    return UNRESOLVED, f"CI overlaps the edge of {t:g} ± {test.tolerance:g}"
+
+
+def combine(verdicts: Sequence[str]) -> str:
+    """The verdict of a claim made of parts that must all hold."""
+    if not verdicts:
+        return NOT_RUN
+    if all(v == REPRODUCED for v in verdicts):
+        return REPRODUCED
+    for v in (NOT_REPRODUCED, NOT_RUN, UNRESOLVED, QUALITATIVE):
+        if v in verdicts:
+            return v
+    raise ValueError(f"unknown verdicts {sorted(set(verdicts) - set(VERDICTS))}")
+
+
+# -- claims as data ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Claim:
+    """One claim of the paper.
+
+    ``statement``: the paper's words (quoted closely). ``paper``: the paper's number or statement; a
+    template formatted with the numbers of :mod:`lvae.paper` (``{mnist_lvae5_test_L1:.2f}``), so no
+    number is typed twice. ``kind`` names the evaluator (:data:`EVALUATORS`) and ``args`` its
+    arguments; ``dataset`` the data the claim is about (other datasets' profiles do not run it).
+    """
+
+    id: str
+    where: str
+    statement: str
+    paper: str
+    kind: str
+    args: dict = field(default_factory=dict)
+    dataset: str = "mnist"
+
+    def paper_text(self) -> str:
+        return self.paper.format(**{k: v.value for k, v in paper.NUMBERS.items()})
+
+
+MAX = "max"  # the profile's deepest model
+BEST_VAE = "best_vae"  # our best bottom-up VAE (variant and depth) on the compared metric
+FT, FT_IW10 = "ft", "ft_iw10"  # Table 1's finetuned LVAE (IW=1 / IW=10 during finetuning)
+L1, LK = "test_L1", "test_LK"
+_VAES = tuple(v for v in FIG3_VARIANTS if VARIANTS[v]["inference"] == "bottom_up")
+
+
+def _t2(dataset: str) -> list[Claim]:
+    out = []
+    for col in paper.TABLE2_COLUMNS:
+        v = paper.VARIANT_KEYS[col]
+        keys = [f"t2_{dataset}_{v}_{d}" for d in range(1, 6) if f"t2_{dataset}_{v}_{d}" in paper.NUMBERS]
+        out.append(Claim(
+            f"t2-{dataset}-{v}", f"Table 2 ({dataset.upper()}, {col}, 1-5 layers)",
+            "Test set log-likelihood scores for models trained on the OMNIGLOT and NORB datasets",
+            " / ".join(f"{{{k}:g}}" for k in keys), "values", {"variant": v, "keys": keys}, dataset=dataset))
+    return out
+
+
+CLAIMS: tuple[Claim, ...] = (
+    # -- section 3.1, Fig 3 (MNIST) ---------------------------------------------------------------
+    Claim("vae-no-gain-beyond-1", "§3.1, Fig 3b",
+          "the VAE without batch-normalization and warm-up does not improve for additional stochastic layers "
+          "beyond one", "VAE: L1 of 2-5 layers ≤ 1 layer", "no_gain_beyond", {"variant": "vae", "base": 1}),
+    Claim("vae-bn-wu-up-to-3", "§3.1, Fig 3b",
+          "VAEs with batch normalization and warm-up improve performance up to three layers",
+          "VAE+BN+WU: L1 of 1 < 2 < 3 layers", "chain", {"variant": "vae_bn_wu", "depths": (1, 2, 3)}),
+    Claim("vae-best-3-layers", "§3.1, Fig 3b", "the best VAE score at −87.49 using three layers",
+          "best VAE: VAE+BN+WU 3-layer", "best_of", {"cell": ("vae_bn_wu", 3), "among": _VAES, "metric": L1}),
+    Claim("vae-best-L1", "§3.1, Fig 3b", "the best VAE score at −87.49 using three layers",
+          "{mnist_best_vae_test_L1:.2f}", "value", {"cell": BEST_VAE, "metric": L1, "key": "mnist_best_vae_test_L1"}),
+    Claim("lvae-each-layer", "§3.1, Fig 3b",
+          "The LVAE models performs better improving performance for each additional layer",
+          "LVAE+BN+WU: L1 of 1 < 2 < 3 < 4 < 5 layers", "chain", {"variant": "lvae_bn_wu", "depths": (1, 2, 3, 4, 5)}),
+    Claim("lvae-gains-decrease", "§3.1, Fig 3b",
+          "As expected the improvement in performance is decreasing for each additional layer",
+          "LVAE+BN+WU: each added layer gains less than the one before", "gains_decrease",
+          {"variant": "lvae_bn_wu"}),
+    Claim("lvae-top-layers", "§3.1, Fig 3b",
+          "we emphasize that the improvements are consistent even for the addition of the top-most layers",
+          "LVAE+BN+WU: L1 of 5 layers > 4 layers", "compare",
+          {"a": ("lvae_bn_wu", 5), "b": ("lvae_bn_wu", 4), "metric": L1}),
+    Claim("lvae-L1", "§3.1, Fig 3b", "reaching Ltest1 = −85.23 with five layers", "{mnist_lvae5_test_L1:.2f}",
+          "value", {"cell": ("lvae_bn_wu", 5), "metric": L1, "key": "mnist_lvae5_test_L1"}),
+    Claim("lvae-vs-vae-L1", "§3.1, Fig 3b; §4",
+          "which is significantly higher than the best VAE score [...] the LVAE achieves [...] a significantly "
+          "tighter lower bound on the log-likelihood Ltest1",
+          "LVAE−VAE: {mnist_lvae5_test_L1:.2f} vs {mnist_best_vae_test_L1:.2f}", "compare",
+          {"a": ("lvae_bn_wu", 5), "b": BEST_VAE, "metric": L1}),
+    Claim("lvae-L5000", "§3.1, Fig 3c; Table 1", "reaching Ltest5000 = −82.12", "{mnist_lvae5_test_L5000:.2f}",
+          "value", {"cell": ("lvae_bn_wu", 5), "metric": LK, "key": "mnist_lvae5_test_L5000"}),
+    Claim("vae-best-L5000", "§3.1, Fig 3c", "compared to the best VAE at −82.74", "{mnist_best_vae_test_L5000:.2f}",
+          "value", {"cell": BEST_VAE, "metric": LK, "key": "mnist_best_vae_test_L5000"}),
+    Claim("lvae-vs-vae-L5000", "§3.1, Fig 3c; §4",
+          "Again the LVAE models performs better than the VAE [...] increases the approximated log-likelihood "
+          "compared to VAEs", "LVAE−VAE: {mnist_lvae5_test_L5000:.2f} vs {mnist_best_vae_test_L5000:.2f}",
+          "compare", {"a": ("lvae_bn_wu", 5), "b": BEST_VAE, "metric": LK}),
+    Claim("fig2-lvae-vs-vae", "Fig 2", "The LVAE improves performance significantly over the regular VAE.",
+          "LVAE above VAE (train and test L1 curves)", "compare",
+          {"a": ("lvae_bn_wu", MAX), "b": ("vae_bn_wu", MAX), "metric": L1}),
+    Claim("no-overfitting", "§3.1, Fig 2", "We saw no signs of over-fitting for any of our models",
+          "no model's test L1 falls during training", "no_overfitting", {}),
+    # -- Table 1 ----------------------------------------------------------------------------------
+    Claim("t1-vs-other-models", "§3.1, Table 1",
+          "the LVAE performs better than the normalizing flow VAE and importance weighted VAE and comparable to "
+          "the Variational Gaussian Process VAE",
+          "{t1_lvae5:.2f} vs NF {t1_vae1_nf:.2f}, IWAE {t1_iwae2_iw50:.2f}, VGP {t1_vae2_vgp:.2f}", "vs_others",
+          {"cell": ("lvae_bn_wu", 5), "above": ("t1_vae1_nf", "t1_iwae2_iw50"), "near": ("t1_vae2_vgp",)}),
+    Claim("t1-finetune", "§3.1, Table 1", "LVAE, 5-layer + finetuning", "{t1_lvae5_ft:.2f}", "value",
+          {"cell": FT, "metric": LK, "key": "t1_lvae5_ft"}),
+    Claim("t1-finetune-iw10", "§3.1, Table 1", "LVAE, 5-layer + finetuning + IW=10", "{t1_lvae5_ft_iw10:.2f}",
+          "value", {"cell": FT_IW10, "metric": LK, "key": "t1_lvae5_ft_iw10"}),
+    Claim("t1-finetune-gain", "§3.1, Table 1",
+          "fine-tuned the best performing five layer LVAE models [...] and see a slight improvements in the test "
+          "set log-likelihood values", "{t1_lvae5_ft_iw10:.2f} vs {t1_lvae5:.2f}", "compare",
+          {"a": FT_IW10, "b": ("lvae_bn_wu", 5), "metric": LK}),
+    # -- section 3.1, Table 2, Figs 8 and 10 (OMNIGLOT, NORB) -------------------------------------
+    *_t2("omniglot"),
+    Claim("omniglot-lvae-best", "§3.1, Table 2",
+          "shows similar trends as for MNIST with the LVAE achieving the best performance using five layers of "
+          "latent variables", "LVAE+BN+WU 5-layer: {t2_omniglot_lvae_bn_wu_5:.2f}, the best of Table 2",
+          "best_of", {"cell": ("lvae_bn_wu", 5), "among": FIG3_VARIANTS, "metric": LK}, dataset="omniglot"),
+    Claim("omniglot-vs-iwae", "§3.1, Table 2",
+          "The best log-likelihood results obtained here, −102.11, is higher than the best results from [2] at "
+          "−103.38", "{t2_omniglot_lvae_bn_wu_5:.2f} vs {omniglot_best_iwae:.2f}", "vs_others",
+          {"cell": ("lvae_bn_wu", 5), "above": ("omniglot_best_iwae",), "near": ()}, dataset="omniglot"),
+    Claim("fig8-omniglot", "Fig 8", "OMNIGLOT log-likelihood values for VAEs and the LVAE model with different "
+          "number of latent layers", "curves (no stated finding beyond Table 2)", "qualitative", {},
+          dataset="omniglot"),
+    Claim("fig10-omniglot-samples", "Fig 10", "OMNIGLOT samples. a) True data, b) Conditional Reconstructions and "
+          "c) Samples from the prior distribution", "images", "qualitative", {}, dataset="omniglot"),
+    *_t2("norb"),
+    Claim("norb-lvae-vs-vae", "§3.1, Table 2", "The LVAE achieves a slightly higher score than the VAE",
+          "{t2_norb_lvae_bn_wu_5:g} vs {t2_norb_vae_bn_wu_5:g} (5 layers)", "compare",
+          {"a": ("lvae_bn_wu", MAX), "b": BEST_VAE, "metric": LK}, dataset="norb"),
+    Claim("norb-no-gain-beyond-3", "§3.1, Table 2",
+          "none of the models see an increase in performance for more using more than three stochastic layers",
+          "every model: 4-5 layers ≤ 3 layers", "no_gain_beyond",
+          {"variant": FIG3_VARIANTS, "base": 3, "metric": LK}, dataset="norb"),
+    # -- section 3.2, Figs 4-6 --------------------------------------------------------------------
+    Claim("fig4-no-wu-stable", "§3.2, Fig 4",
+          "For the models without warm-up we find that the KL-divergence for each unit is stable during all "
+          "training epochs with only very few new units activated during training",
+          "VAE, VAE+BN: very few units activated after the start", "few_new_units", {"variants": ("vae", "vae_bn")}),
+    Claim("fig4-wu-pruned", "§3.2, Fig 4",
+          "For the models trained with warm-up we initially see many active units which are then gradually pruned "
+          "away as the variational regularization term is introduced",
+          "VAE+BN+WU, LVAE+BN+WU: peak active units > final", "pruned", {"variants": ("vae_bn_wu", "lvae_bn_wu")}),
+    Claim("fig4-wu-more-active", "§3.2, Fig 4",
+          "At the end of training warm-up results in more active units indicating a more distributed representation",
+          "with warm-up > without", "active_diff", {"pairs": (("vae_bn_wu", "vae_bn"), ("lvae_bn_wu", "lvae_bn"))}),
+    Claim("fig4-lvae-most-distributed", "§3.2, Fig 4",
+          "the LVAE model produces both the deepest and most distributed latent representation",
+          "LVAE+BN+WU: the most active units", "active_diff",
+          {"pairs": tuple(("lvae_bn_wu", v) for v in _VAES)}),
+    Claim("fig4-lvae-each-layer", "Fig 4", "we see that the LVAE activates the highest number of units in each layer",
+          "LVAE+BN+WU ≥ every VAE, layer by layer", "active_per_layer", {"variants": _VAES}),
+    Claim("fig4-bn-helps", "Fig 4",
+          "It is clear that vanilla VAE cannot train the higher latent layers, while introducing batch "
+          "normalization helps", "VAE+BN: more active units above z1 than VAE", "active_diff",
+          {"pairs": (("vae_bn", "vae"),), "above_first": True}),
+    Claim("fig5-vae-lower-layers", "§3.2, Fig 5",
+          "The VAEs use the lower layers the most whereas the highest layers are not (or only to a limited degree) "
+          "used", "VAEs: KL of z1 > KL of every higher layer", "lowest_layer_most", {"variants": _VAES}),
+    Claim("fig5-lvae-higher-layers", "§3.2, Fig 5; §4",
+          "Contrary to this, the LVAE puts much more importance to the higher layers [...] learns a deeper and "
+          "qualitatively different latent representation", "LVAE: larger share of KL above z1 than the VAEs",
+          "kl_share_diff", {"pairs": tuple(("lvae_bn_wu", v) for v in _VAES)}),
+    Claim("fig6-vae-collapsed", "§3.2, Fig 6",
+          "For vanilla VAE, the latent representations above the second layer are completely collapsed on a "
+          "standard normal prior", "VAE: 2 layers with active units", "active_layers",
+          {"variant": "vae", "count": 2}),
+    Claim("fig6-bn-wu-one-layer-each", "§3.2, Fig 6",
+          "Including Batch normalization and warm-up activates one additional layer each in the VAE",
+          "VAE+BN: 1 more active layer than VAE; VAE+BN+WU: 1 more than VAE+BN", "active_layer_steps",
+          {"steps": (("vae_bn", "vae"), ("vae_bn_wu", "vae_bn"))}),
+    Claim("fig6-lvae-all-layers", "§3.2, Fig 6", "The LVAE utilizes all five latent layers",
+          "LVAE+BN+WU: every layer has active units", "active_layers", {"variant": "lvae_bn_wu", "count": MAX}),
+    Claim("fig6-class-clustering", "§3.2, Fig 6",
+          "the latent representation shows progressively more clustering according to class, which is clearly "
+          "seen in the topmost layer of this model", "PCA plots", "qualitative", {}),
+    # -- Figs 7 and 9, section 4 ------------------------------------------------------------------
+    Claim("fig7-lvae-without-bn", "Fig 7", "Note that the LVAE without batch normalization performed very poorly",
+          "LVAE+WU far below LVAE+BN+WU", "compare", {"a": ("lvae_bn_wu", MAX), "b": ("lvae_wu", MAX), "metric": L1}),
+    Claim("s4-vae-bn-wu", "§4",
+          "deterministic warm-up and batch-normalization are important for optimizing deep VAEs",
+          "VAE+BN > VAE; VAE+BN+WU > VAE+BN (deepest)", "compare_steps",
+          {"steps": (("vae_bn", "vae"), ("vae_bn_wu", "vae_bn")), "metric": L1}),
+    Claim("s4-lvae-bn-wu", "§4", "deterministic warm-up and batch-normalization are important for optimizing "
+          "deep [...] LVAEs", "LVAE+BN+WU > LVAE+BN and > LVAE+WU (deepest)", "compare_steps",
+          {"steps": (("lvae_bn_wu", "lvae_bn"), ("lvae_bn_wu", "lvae_wu")), "metric": L1}),
+    Claim("s4-bn-benefits", "§4",
+          "Especially the large benefits in generative performance and depth of learned hierarchical "
+          "representations using batch normalization were surprising",
+          "VAE+BN > VAE in L1 and in active layers (deepest)", "bn_benefits", {}),
+    Claim("fig9-mnist-samples", "Fig 9", "MNIST samples. a) True data, b) Conditional Reconstructions and c) "
+          "Samples from the prior distribution", "images", "qualitative", {}),
+)
+
+
+# -- reading the registry ------------------------------------------------------------------------
+@dataclass
+class Cell:
+    """The complete runs of one model of a profile (one per seed), and why others are missing."""
+
+    label: str
+    runs: list[Run]
+    notes: list[str]
+    in_profile: bool = True
+
+
+class Registry:
+    """Read-only view of a profile's runs: never trains (:func:`lvae.profiles.get_run` would)."""
+
+    def __init__(self, profile: Profile | str, root=None, seeds: Sequence[int] | None = None):
+        self.P = load_profile(profile) if isinstance(profile, str) else profile
+        self.root = results_dir(root)
+        self.seeds = tuple(seeds) if seeds is not None else self.P.seeds
+        self._cache: dict[Any, Cell] = {}
+        self.paper_epochs = load_profile("paper").epochs
+
+    def depth(self, d) -> int:
+        return self.P.max_depth if d == MAX else int(d)
+
+    def label(self, spec) -> str:
+        if spec in (FT, FT_IW10):
+            return f"LVAE+BN+WU {self.P.max_depth}-layer + finetuning" + (" + IW=10" if spec == FT_IW10 else "")
+        v, d = spec
+        return f"{VARIANTS[v]['label']} {self.depth(d)}-layer"
+
+    def _run_at(self, cfg) -> tuple[Run | None, str | None]:
+        path = self.root / cfg.dir_name
+        if not (path / "config.json").exists():
+            return None, "missing"
+        try:
+            run = Run(path)
+        except RunError as e:
+            return None, f"unreadable ({e})"
+        if run.status == "failed":
+            return None, f"failed ({run.error})"
+        if not run.ok:
+            return None, f"{run.status} ({run.epochs} epochs)"
+        if run.epochs < self.P.epochs:
+            return None, f"{run.epochs} of {self.P.epochs} epochs"
+        return run, None
+
+    def cell(self, spec) -> Cell:
+        """The complete runs of ``spec``: ``(variant, depth)`` or FT / FT_IW10 (Table 1's finetuning)."""
+        key = spec if spec in (FT, FT_IW10) else (spec[0], self.depth(spec[1]))
+        if key in self._cache:
+            return self._cache[key]
+        label = self.label(spec)
+        runs, notes = [], []
+        if key in (FT, FT_IW10):
+            in_profile = "lvae_bn_wu" in self.P.variants and self.P.max_depth == 5
+        else:
+            in_profile = key[0] in self.P.variants and key[1] in self.P.depths
+        if not in_profile:
+            notes.append(f"profile '{self.P.name}' has no {label}")
+        else:
+            for s in self.seeds:
+                if key in (FT, FT_IW10):
+                    parent, _ = experiment(self.P, "lvae_bn_wu", 5, s)
+                    cfg = finetune_config(parent, self.P.epochs)
+                    if key == FT:  # finetuning without importance-weighted training samples
+                        cfg = replace(cfg, name=cfg.name + "-iw1", train=replace(cfg.train, iw_samples=1))
+                else:
+                    cfg, _ = experiment(self.P, key[0], key[1], s)
+                run, why = self._run_at(cfg)
+                if run is None:
+                    notes.append(f"{label} seed {s}: {why}")
+                else:
+                    runs.append(run)
+        out = self._cache[key] = Cell(label, runs, notes, in_profile)
+        return out
+
+    def vae_cells(self, variants: Sequence[str] = _VAES) -> list[tuple[str, int]]:
+        return [(v, d) for v in variants if v in self.P.variants for d in self.P.depths]
+
+
+# -- quantities ----------------------------------------------------------------------------------
+@dataclass
+class Part:
+    """One tested quantity of a claim."""
+
+    label: str
+    est: Estimate | None
+    test: Criterion
+    how: str  # how the estimate was computed ("paired over 10,000 test images")
+    notes: list[str] = field(default_factory=list)
+    epochs: int | None = None
+    k: int | None = None  # importance samples of an L_K quantity
+    verdict: str = ""
+    reason: str = ""
+
+
+def _per_image_ns(run: Run, k: int) -> set[int]:
+    rows = [r for r in run.metrics() + run.evals() if r.get("per_image") and r.get("epoch") == run.epochs
+            and r.get("iw_k") == k and (run.path / r["per_image"]).exists()]
+    return {int(r["n_iw"]) for r in rows}
+
+
+def _lk_ns(run: Run, k: int) -> set[int]:
+    rows = [r for r in run.metrics() + run.evals()
+            if r.get("epoch") == run.epochs and r.get("iw_k") == k and r.get("test_LK") is not None]
+    return {int(r["n_iw"]) for r in rows if r.get("n_iw")}
+
+
+def metric_contrast(reg: Registry, terms: Sequence[tuple[float, Any]],
+                    metric: str) -> tuple[Estimate | None, str, list[str]]:
+    """sum_j w_j * model_j on ``metric`` (test_L1 or test_LK), paired when every run has per-image values.
+
+    Returns (estimate or None when a model has no complete run, how it was computed, notes).
+    """
+    cells = [reg.cell(spec) for _, spec in terms]
+    notes = [n for c in cells for n in c.notes]
+    if any(not c.runs for c in cells):
+        return None, "", [n for c in cells if not c.runs for n in c.notes]
+    weights = [w for w, _ in terms]
+    runs = [c.runs for c in cells]
+    allruns = [r for rs in runs for r in rs]
+    k = reg.P.iw_samples
+    if metric == L1:
+        per = [[r.per_image() for r in rs] for rs in runs]
+        if all(p is not None for ps in per for p in ps) and len({p["test_L1"].size for ps in per for p in ps}) == 1:
+            est = stats.contrast([(w, [p["test_L1"] for p in ps]) for w, ps in zip(weights, per)])
+            return est, _paired(terms), notes
+        missing = sorted({r.name for rs, ps in zip(runs, per) for r, p in zip(rs, ps) if p is None})
+        vals = [[final(r, L1) for r in rs] for rs in runs]
+        ses = [[final(r, L1 + "_se") for r in rs] for rs in runs]
+        n = final(allruns[0], "n_test")
+        have = [[p["test_L1"] for p in ps if p is not None and p["test_L1"].size == n] for ps in per]
+        if len(terms) > 1 and all(have):
+            est = stats.contrast_partly_paired([(w, v, h) for w, v, h in zip(weights, vals, have)], n)
+            return est, _partly_paired(missing, len(allruns)), notes
+        est = stats.contrast_of_means([(w, v, s) for w, v, s in zip(weights, vals, ses)], n_images=n)
+        return est, _unpaired(missing, len(allruns), len(terms)), notes
+    # L_K: the most test images every run has
+    common = set.intersection(*[_per_image_ns(r, k) for r in allruns])
+    if common:
+        n = max(common)
+        per = [[r.per_image(k, n)["test_LK"] for r in rs] for rs in runs]
+        est = stats.contrast([(w, ps) for w, ps in zip(weights, per)])
+        return est, _paired(terms), notes
+    missing = sorted(r.name for r in allruns if not _per_image_ns(r, k))
+    common = set.intersection(*[_lk_ns(r, k) for r in allruns])
+    if not common:
+        return None, "", notes + [f"no L{k} on common test images"]
+    n = max(common)
+    lks = [[best_lk(r, n) for r in rs] for rs in runs]
+    have = [[r.per_image(k, n)["test_LK"] for r in rs if n in _per_image_ns(r, k)] for rs in runs]
+    if len(terms) > 1 and all(have):
+        est = stats.contrast_partly_paired([(w, [x["value"] for x in xs], h) for w, xs, h in zip(weights, lks, have)],
+                                           n)
+        return est, _partly_paired(missing, len(allruns)), notes
+    est = stats.contrast_of_means([(w, [x["value"] for x in xs], [x["se"] for x in xs]) for w, xs in zip(weights, lks)],
+                                  n_images=n)
+    return est, _unpaired(missing, len(allruns), len(terms)), notes
+
+
+def _paired(terms) -> str:
+    return "paired per test image" if len(terms) > 1 else "mean over seeds"
+
+
+def _partly_paired(missing: list[str], n_runs: int) -> str:
+    return (f"seed means; test-image spread paired per image on the {n_runs - len(missing)} of {n_runs} runs "
+            f"with per-image values")
+
+
+def _unpaired(missing: list[str], n_runs: int, n_terms: int) -> str:
+    what = "unpaired difference of seed means" if n_terms > 1 else "mean over seeds"
+    return f"{what} ({len(missing)} of {n_runs} runs have no per-image values)"
+
+
+def seed_contrast(reg: Registry, terms: Sequence[tuple[float, Any]], fn: Callable[[Run], float | None],
+                  what: str) -> tuple[Estimate | None, str, list[str]]:
+    """sum_j w_j * (mean over seeds of fn(run)) for a per-run quantity (active units, KL shares)."""
+    cells = [reg.cell(spec) for _, spec in terms]
+    if any(not c.runs for c in cells):
+        return None, "", [n for c in cells if not c.runs for n in c.notes]
+    notes = [n for c in cells for n in c.notes]
+    values = []
+    for c in cells:
+        v = [(r, fn(r)) for r in c.runs]
+        notes += [f"{r.name}: no {what}" for r, x in v if x is None]
+        values.append([x for _, x in v if x is not None])
+    if any(not v for v in values):
+        return None, "", notes
+    est = stats.contrast_of_means([(w, v, None) for (w, _), v in zip(terms, values)])
+    return est, f"{what}: difference of seed means" if len(terms) > 1 else f"{what}: mean over seeds", notes
+
+
+def _kl_units(run: Run):
+    return final(run, "kl_units")
+
+
+def _active_total(run: Run, above_first: bool = False):
+    kl = _kl_units(run)
+    return None if kl is None else float(sum(active_units(kl)[1 if above_first else 0:]))
+
+
+def _active_layers(run: Run):
+    kl = _kl_units(run)
+    return None if kl is None else float(sum(a > 0 for a in active_units(kl)))
+
+
+def _kl_share_above_first(run: Run):
+    kl = final(run, "kl_layers")
+    return None if not kl or sum(kl) <= 0 else float(sum(kl[1:]) / sum(kl))
+
+
+def _lowest_layer_margin(run: Run):
+    kl = final(run, "kl_layers")
+    return None if not kl or len(kl) < 2 else float(kl[0] - max(kl[1:]))
+
+
+def _units_history(run: Run) -> list[list[list[float]]]:
+    return [r["kl_units"] for r in run.metrics() if "kl_units" in r]
+
+
+def _pruned(run: Run):
+    hist = _units_history(run)
+    if len(hist) < 2:
+        return None
+    counts = [sum(active_units(h)) for h in hist]
+    return float(max(counts) - counts[-1])
+
+
+def _new_units_fraction(run: Run):
+    hist = _units_history(run)
+    if len(hist) < 2:
+        return None
+    from .analysis import ACTIVE_UNIT_THRESHOLD as thr
+
+    first = np.concatenate([np.asarray(h) for h in hist[0]])
+    last = np.concatenate([np.asarray(h) for h in hist[-1]])
+    return float(((first <= thr) & (last > thr)).sum() / first.size)
+
+
+def _overfit_drop(run: Run):
+    rows = [r["test_L1"] for r in run.metrics() if r.get("test_L1") is not None]
+    return float(max(rows) - rows[-1]) if rows else None
+
+
+# -- evaluators: claim args -> parts -------------------------------------------------------------
+def _best_vae(reg: Registry, metric: str) -> tuple[Any, str | None]:
+    """Our best bottom-up VAE on ``metric`` (mean over its complete seeds, each on its most test images)."""
+    best, best_v = None, -math.inf
+    for spec in reg.vae_cells():
+        runs = reg.cell(spec).runs
+        if not runs:
+            continue
+        vals = [final(r, L1) if metric == L1 else (best_lk(r) or {}).get("value") for r in runs]
+        vals = [v for v in vals if v is not None]
+        if vals and np.mean(vals) > best_v:
+            best, best_v = spec, float(np.mean(vals))
+    return best, None if best is None else f"our best VAE: {reg.label(best)}"
+
+
+def _resolve(reg: Registry, spec, metric: str) -> tuple[Any, list[str]]:
+    if spec == BEST_VAE:
+        best, note = _best_vae(reg, metric)
+        return best, [note] if note else [f"profile '{reg.P.name}' has no complete VAE run"]
+    return spec, []
+
+
+def _cmp_part(reg: Registry, a, b, metric: str, test: Criterion | None = None, label: str | None = None) -> Part:
+    a, na = _resolve(reg, a, metric)
+    b, nb = _resolve(reg, b, metric)
+    if a is None or b is None:
+        return Part(label or "A − B", None, test or Criterion("greater"), "", na + nb)
+    est, how, notes = metric_contrast(reg, [(1.0, a), (-1.0, b)], metric)
+    name = "L1" if metric == L1 else f"L{reg.P.iw_samples}"
+    return Part(label or f"{reg.label(a)} − {reg.label(b)} ({name})", est, test or Criterion("greater"), how,
+                na + nb + notes, _epochs(reg, [a, b]), None if metric == L1 else reg.P.iw_samples)
+
+
+def _epochs(reg: Registry, specs) -> int | None:
+    runs = [r for s in specs for r in reg.cell(s).runs]
+    return max((r.epochs for r in runs), default=None)
+
+
+def ev_compare(reg, a, b, metric):
+    return [_cmp_part(reg, a, b, metric)]
+
+
+def ev_compare_steps(reg, steps, metric):
+    return [_cmp_part(reg, (hi, MAX), (lo, MAX), metric) for hi, lo in steps]
+
+
+def ev_chain(reg, variant, depths):
+    return [_cmp_part(reg, (variant, d2), (variant, d1), L1) for d1, d2 in zip(depths, depths[1:])]
+
+
+def ev_no_gain_beyond(reg, variant, base, metric=L1):
+    variants = (variant,) if isinstance(variant, str) else variant
+    return [_cmp_part(reg, (v, d), (v, base), metric, Criterion("at_most", NEGLIGIBLE_NATS))
+            for v in variants for d in range(base + 1, 6)]
+
+
+def ev_gains_decrease(reg, variant):
+    parts = []
+    for d in range(1, 4):
+        specs = [(variant, d + 1), (variant, d), (variant, d + 2)]
+        est, how, notes = metric_contrast(reg, [(2.0, specs[0]), (-1.0, specs[1]), (-1.0, specs[2])], L1)
+        parts.append(Part(f"gain {d}→{d + 1} − gain {d + 1}→{d + 2} (L1)", est, Criterion("greater"), how, notes,
+                          _epochs(reg, specs)))
+    return parts
+
+
+def ev_best_of(reg, cell, among, metric):
+    others = [(v, d) for v in among if v in reg.P.variants for d in reg.P.depths if (v, d) != cell]
+    if not others:
+        others = [(v, d) for v in among for d in range(1, 6) if (v, d) != cell]  # not in the profile: not run
+    return [_cmp_part(reg, o, cell, metric, Criterion("at_most", NEGLIGIBLE_NATS)) for o in others]
+
+
+def ev_value(reg, cell, metric, key):
+    ref = paper.get(key)
+    spec, notes = _resolve(reg, cell, metric)
+    test = Criterion("within", ref.value, VALUE_TOLERANCE_NATS, budget_limited=True)
+    if spec is None:
+        return [Part(ref.model, None, test, "", notes)]
+    est, how, n2 = metric_contrast(reg, [(1.0, spec)], metric)
+    return [Part(reg.label(spec), est, test, how, notes + n2, _epochs(reg, [spec]),
+                 None if metric == L1 else reg.P.iw_samples)]
+
+
+def ev_values(reg, variant, keys):
+    parts = []
+    for key in keys:
+        d = int(key.rsplit("_", 1)[1])
+        parts += ev_value(reg, (variant, d), LK, key)
+    return parts
+
+
+def ev_vs_others(reg, cell, above, near):
+    est, how, notes = metric_contrast(reg, [(1.0, cell)], LK)
+    ep = _epochs(reg, [cell])
+    parts = [Part(f"ours − {paper.get(k).model}", None if est is None else _shift(est, paper.get(k).value),
+                  Criterion("greater", 0.0, budget_limited=True), how, notes, ep, reg.P.iw_samples) for k in above]
+    parts += [Part(f"ours vs {paper.get(k).model}", est, Criterion("within", paper.get(k).value, VALUE_TOLERANCE_NATS,
+                                                              budget_limited=True), how, notes, ep, reg.P.iw_samples)
+              for k in near]
+    return parts
+
+
+def _shift(est: Estimate, by: float) -> Estimate:
+    return replace(est, mean=est.mean - by, lo=est.lo - by, hi=est.hi - by)
+
+
+def _seed_part(reg, label, terms, fn, what, test) -> Part:
+    est, how, notes = seed_contrast(reg, terms, fn, what)
+    return Part(label, est, test, how, notes, _epochs(reg, [s for _, s in terms]))
+
+
+def ev_active_diff(reg, pairs, above_first=False):
+    fn = (lambda r: _active_total(r, above_first))
+    what = "active units above z1" if above_first else "active units"
+    avail = [(a, b) for a, b in pairs if a in reg.P.variants and b in reg.P.variants] or list(pairs)[:1]
+    return [_seed_part(reg, f"{reg.label((a, MAX))} − {reg.label((b, MAX))} ({what})",
+                       [(1.0, (a, MAX)), (-1.0, (b, MAX))], fn, what, Criterion("greater")) for a, b in avail]
+
+
+def ev_active_per_layer(reg, variants):
+    parts = []
+    for v in variants:
+        for i in range(reg.P.max_depth):
+            def fn(r, i=i):
+                kl = _kl_units(r)
+                return None if kl is None else float(active_units(kl)[i])
+            parts.append(_seed_part(reg, f"z{i + 1}: {reg.label((v, MAX))} − LVAE+BN+WU (active units)",
+                                    [(1.0, (v, MAX)), (-1.0, ("lvae_bn_wu", MAX))], fn, f"active units of z{i + 1}",
+                                    Criterion("at_most", 0.0)))
+    return parts
+
+
+def ev_kl_share_diff(reg, pairs):
+    return [_seed_part(reg, f"{reg.label((a, MAX))} − {reg.label((b, MAX))} (KL share above z1)",
+                       [(1.0, (a, MAX)), (-1.0, (b, MAX))], _kl_share_above_first, "share of KL above z1",
+                       Criterion("greater")) for a, b in pairs]
+
+
+def ev_lowest_layer_most(reg, variants):
+    return [_seed_part(reg, f"{reg.label((v, MAX))}: KL(z1) − max KL(z≥2) [nats]", [(1.0, (v, MAX))],
+                       _lowest_layer_margin, "KL of z1 minus the largest higher layer's", Criterion("greater"))
+            for v in variants]
+
+
+def ev_active_layers(reg, variant, count):
+    n = reg.P.max_depth if count == MAX else count
+    return [_seed_part(reg, f"{reg.label((variant, MAX))}: layers with active units", [(1.0, (variant, MAX))],
+                       _active_layers, "layers with active units", Criterion("within", n, ACTIVE_LAYER_TOLERANCE))]
+
+
+def ev_active_layer_steps(reg, steps):
+    return [_seed_part(reg, f"{reg.label((a, MAX))} − {reg.label((b, MAX))} (layers with active units)",
+                       [(1.0, (a, MAX)), (-1.0, (b, MAX))], _active_layers, "layers with active units",
+                       Criterion("within", 1, ACTIVE_LAYER_TOLERANCE)) for a, b in steps]
+
+
+def ev_pruned(reg, variants):
+    return [_seed_part(reg, f"{reg.label((v, MAX))}: peak − final active units", [(1.0, (v, MAX))], _pruned,
+                       "peak minus final active units", Criterion("greater")) for v in variants]
+
+
+def ev_few_new_units(reg, variants):
+    return [_seed_part(reg, f"{reg.label((v, MAX))}: units activated after the first evaluation (fraction)",
+                       [(1.0, (v, MAX))], _new_units_fraction, "fraction of units activated after the first evaluation",
+                       Criterion("at_most", FEW_NEW_UNITS)) for v in variants]
+
+
+def ev_no_overfitting(reg):
+    cells = [(v, d) for v in reg.P.variants for d in reg.P.depths]
+    return [_seed_part(reg, f"{reg.label(c)}: best − final test L1", [(1.0, c)], _overfit_drop,
+                       "best minus final test L1 over training", Criterion("at_most", OVERFIT_DROP_NATS))
+            for c in cells]
+
+
+def ev_bn_benefits(reg):
+    return [_cmp_part(reg, ("vae_bn", MAX), ("vae", MAX), L1),
+            _seed_part(reg, f"{reg.label(('vae_bn', MAX))} − {reg.label(('vae', MAX))} (layers with active units)",
+                       [(1.0, ("vae_bn", MAX)), (-1.0, ("vae", MAX))], _active_layers, "layers with active units",
+                       Criterion("greater"))]
+
+
+EVALUATORS: dict[str, Callable[..., list[Part]]] = {
+    "compare": ev_compare, "compare_steps": ev_compare_steps, "chain": ev_chain, "no_gain_beyond": ev_no_gain_beyond,
+    "gains_decrease": ev_gains_decrease, "best_of": ev_best_of, "value": ev_value, "values": ev_values,
+    "vs_others": ev_vs_others, "active_diff": ev_active_diff, "active_per_layer": ev_active_per_layer,
+    "kl_share_diff": ev_kl_share_diff, "lowest_layer_most": ev_lowest_layer_most, "active_layers": ev_active_layers,
+    "active_layer_steps": ev_active_layer_steps, "pruned": ev_pruned, "few_new_units": ev_few_new_units,
+    "no_overfitting": ev_no_overfitting, "bn_benefits": ev_bn_benefits,
+}
+
+
+# -- rows ----------------------------------------------------------------------------------------
+MAX_PARTS_SHOWN = 3  # a claim with more parts shows only the part that decides its verdict
+COLUMNS = ("claim", "paper", "ours (95 % CI)", "n", "budget", "verdict", "how decided")
+
+
+@dataclass
+class Row:
+    """One claim evaluated on one profile."""
+
+    claim: Claim
+    profile: str
+    verdict: str
+    parts: list[Part]
+    reason: str  # why this verdict (not run: which runs are missing)
+    warmup: int = 0  # the profile's warm-up epochs (for the budget column)
+
+    @property
+    def id(self) -> str:
+        return self.claim.id
+
+    def deciding_part(self) -> Part | None:
+        """The first part whose verdict is the claim's (the one "how decided" describes)."""
+        return next((p for p in self.parts if p.verdict == self.verdict), self.parts[0] if self.parts else None)
+
+    def shown_parts(self) -> list[Part]:
+        if len(self.parts) <= MAX_PARTS_SHOWN:
+            return self.parts
+        return [self.deciding_part()]
+
+    def as_dict(self) -> dict[str, Any]:
+        """A table row for the book (see :data:`COLUMNS`)."""
+        shown = [p for p in self.shown_parts() if p.est is not None]
+        more = f" (1 of {len(self.parts)} parts)" if len(self.parts) > MAX_PARTS_SHOWN and shown else ""
+        ours = tuple(f"{p.label}: {_est_text(p)}" for p in shown)
+        n = {(p.est.n_seeds, p.est.n_images) for p in shown}
+        return {
+            "claim": (f"{self.claim.where} [{self.id}]", f"“{self.claim.statement}”"),
+            "paper": self.claim.paper_text(),
+            "ours (95 % CI)": (ours[0] + more,) + ours[1:] if ours else "—",
+            "n": ", ".join(_n_text(s, i) for s, i in sorted(n, key=str)) or "—",
+            "budget": self.budget() or "—",
+            "verdict": self.verdict,
+            "how decided": self.reason,
+        }
+
+    def budget(self) -> str | None:
+        parts = [p for p in self.parts if p.est is not None]
+        eps = {p.epochs for p in parts if p.epochs}
+        ks = {p.k for p in parts if p.k}
+        if not eps:
+            return None
+        text = f"{'/'.join(map(str, sorted(eps)))} epochs (warm-up {self.warmup})"
+        return text + (f", L{'/'.join(map(str, sorted(ks)))}" if ks else "")
+
+    @property
+    def estimate(self) -> Estimate | None:
+        """The estimate of a one-part claim (None otherwise or when not run)."""
+        return self.parts[0].est if len(self.parts) == 1 else None
+
+
+def _n_text(seeds: int, images: int | None) -> str:
+    text = f"{seeds} seed{'s' if seeds != 1 else ''}"
+    return text + (f" × {images:,} images" if images else "")
+
+
+def _est_text(p: Part) -> str:
+    """``+0.41 ± 0.12``; a CI that leaves out the seed spread says so; no CI: the bare mean."""
+    e = p.est
+    mean = f"{e.mean:+.2f}" if p.test.kind != "within" else f"{e.mean:.2f}"
+    if not math.isfinite(e.half_width):
+        return mean
+    text = f"{mean} ± {e.half_width:.2f}"
+    return text if e.seed_se_known else text + " (test images only)"
+
+
+def _summarize(notes: Sequence[str], list_up_to: int = 2) -> str:
+    """Notes on runs left out, grouped by why: "12 runs missing; VAE 5-layer seed 1: failed (...)"."""
+    groups: dict[str, list[str]] = {}
+    for note in dict.fromkeys(notes):
+        label, sep, why = note.partition(": ")
+        key = why.split(" ")[0] if sep and " seed " in label else note
+        groups.setdefault(key, []).append(note)
+    out = []
+    for key, items in groups.items():
+        if len(items) <= list_up_to or key == "failed":
+            out += items
+        else:
+            out.append(f"{len(items)} runs {key}")
+    return "; ".join(out)
+
+
+def evaluate_claim(claim: Claim, reg: Registry) -> Row:
+    """``claim`` on the runs of ``reg``'s profile."""
+    if claim.dataset != reg.P.dataset:
+        return Row(claim, reg.P.name, NOT_RUN, [],
+                   f"profile '{reg.P.name}' trains {reg.P.dataset.upper()}; the claim is about "
+                   f"{claim.dataset.upper()} (no {claim.dataset.upper()} profile)")
+    if claim.kind == "qualitative":
+        return Row(claim, reg.P.name, QUALITATIVE, [], "a figure without a measurable statement; shown in the book")
+    parts = EVALUATORS[claim.kind](reg, **claim.args)
+    at_paper = reg.P.epochs >= reg.paper_epochs
+    for p in parts:
+        p.verdict, p.reason = decide(p.est, p.test, at_paper and (p.epochs or 0) >= reg.paper_epochs)
+    verdict = combine([p.verdict for p in parts])
+    deciding = next((p for p in parts if p.verdict == verdict), parts[0])
+    if verdict == NOT_RUN:
+        notes = [n for p in parts if p.est is None for n in p.notes if not n.startswith("our best")]
+        reason = _summarize(notes) or deciding.reason
+    else:
+        n = len(parts)
+        test = deciding.test.text() + (f" for each of {n} parts" if n > 1 else "")
+        which = f"{deciding.label}: " if n > 1 and verdict != REPRODUCED else ""
+        reason = f"test {test}; {which}{deciding.reason}" + (f"; {deciding.how}" if deciding.how else "")
+        best = [x for x in deciding.notes if x.startswith("our best")]
+        left_out = [x for p in parts for x in p.notes if not x.startswith("our best")]
+        reason += "".join(f"; {x}" for x in best)
+        if left_out:
+            reason += "; left out: " + _summarize(left_out)
+    return Row(claim, reg.P.name, verdict, parts, reason, reg.P.warmup_epochs)
+
+
+def evaluate(profile: Profile | str, root=None, seeds: Sequence[int] | None = None,
+             claims: Sequence[Claim] = CLAIMS) -> list[Row]:
+    """Every claim on ``profile``'s runs in the registry at ``root`` (read-only; nothing is trained)."""
+    reg = Registry(profile, root, seeds)
+    return [evaluate_claim(c, reg) for c in claims]
+
+
+def verdict_counts(evaluated: Sequence[Row]) -> dict[str, int]:
+    return {v: sum(r.verdict == v for r in evaluated) for v in VERDICTS}
+
+
+def summary_rows(by_profile: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per claim, one verdict column per profile: the verdicts at a glance.
+
+    ``by_profile``: profile name -> its rows (or its :class:`Evaluation`, as :func:`book_evaluations` gives).
+    """
+    by_profile = {k: getattr(v, "rows", v) for k, v in by_profile.items()}
+    names = list(by_profile)
+    first = by_profile[names[0]]
+    out = []
+    for i, r in enumerate(first):
+        row = {"claim": f"{r.claim.where} [{r.id}]", "paper": r.claim.paper_text()}
+        for name in names:
+            row[name] = by_profile[name][i].verdict
+        out.append(row)
+    return out
+
+
+def profiles_with_runs(root=None, names: Sequence[str] | None = None) -> list[str]:
+    """The profiles (of ``names``, default all) with at least one complete run of theirs in the registry."""
+    from .profiles import available
+
+    out = []
+    for name in names or available():
+        reg = Registry(name, root)
+        cells = [(v, d) for v in reg.P.variants for d in reg.P.depths]
+        if any(reg.cell(c).runs for c in cells):
+            out.append(name)
+    return out
+
+
+def verdict_list(evaluated: Sequence[Row], verdict: str) -> str:
+    """The claims with ``verdict``, for the book's prose: "lvae-L1 (-98.70 ± 0.55), ..." (ids alone
+    where there is no number); "none" when no claim has it."""
+    items = []
+    for r in evaluated:
+        if r.verdict != verdict:
+            continue
+        part = r.deciding_part() if verdict in (REPRODUCED, NOT_REPRODUCED, UNRESOLVED) else None
+        items.append(f"{r.id} ({_est_text(part)})" if part is not None and part.est is not None else r.id)
+    return ", ".join(items) or "none"
+
+
+BOOK_PROFILES = ("cpu", "cpu-long", "paper")  # the budgets the book shows whenever their runs exist
+
+
+@dataclass
+class Evaluation:
+    """Every claim on one profile's runs."""
+
+    profile: Profile
+    rows: list[Row]
+    root: Path
+
+
+def book_evaluations(P: Profile, names: Sequence[str] = BOOK_PROFILES) -> dict[str, Evaluation]:
+    """This build's profile ``P`` (on the registry the chapter reads), then each profile of ``names``
+    that has runs, read from that registry or else from the repository's committed ``results/`` (a
+    chapter may read a scratch copy that holds only its own profile's runs). Read-only."""
+    root = results_dir()
+    roots = [root]
+    from .book import COMMITTED, repository
+
+    repo = repository()
+    if repo is not None and (repo / COMMITTED).is_dir() and (repo / COMMITTED).resolve() != root.resolve():
+        roots.append(repo / COMMITTED)
+    out = {P.name: Evaluation(P, evaluate(P, root), root)}
+    for name in names:
+        if name in out:
+            continue
+        where = next((r for r in roots if profiles_with_runs(r, [name])), None)
+        if where is not None:
+            out[name] = Evaluation(load_profile(name), evaluate(name, where), where)
+    return out
