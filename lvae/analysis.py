@@ -624,6 +624,9 @@ def registry_rows(root=None, runs=None) -> list[dict[str, Any]]:
 
     rows = []
     for r in (list_runs(root) if runs is None else sorted(runs, key=lambda r: r.name)):
+        if r.status == "damaged":  # its provenance cannot be read: the row says so instead of a number
+            rows.append({"run": r.name, "epochs": "damaged (lvae runs --json gives the fix)"})
+            continue
         prov = r.provenance
         epochs = r.epochs if r.status == "complete" else f"{r.epochs} ({r.status})"
         lk = final(r, "test_LK")

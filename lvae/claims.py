@@ -83,22 +83,26 @@ class Criterion:
         return f"within {self.threshold:g} ± {self.tolerance:g}"
 
 
-def decide(est: Estimate | None, test: Criterion, at_paper_budget: bool = False) -> tuple[str, str]:
+def decide(est: Estimate | None, test: Criterion,
+           at_paper_budget: bool = False) -> tuple[str, str]:
     """(verdict, reason) for ``est`` under ``test``; the rule of the module docstring."""
     if est is None:
         return NOT_RUN, "no complete run"
     if est.n_seeds < MIN_SEEDS or not est.seed_se_known:
-        return UNRESOLVED, (f"{est.n_seeds} seed{'s' if est.n_seeds != 1 else ''} (fewer than {MIN_SEEDS} on a side): "
+        seeds = f"{est.n_seeds} seed{'s' if est.n_seeds != 1 else ''}"
+        return UNRESOLVED, (f"{seeds} (fewer than {MIN_SEEDS} on a side): "
                             f"the spread between seeds is unknown")
     if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
         return UNRESOLVED, "no confidence interval"
-    short = UNRESOLVED if test.budget_limited and not at_paper_budget else NOT_REPRODUCED
-    why_short = " at a smaller budget than the paper's" if short == UNRESOLVED else ""
+    smaller_budget = test.budget_limited and not at_paper_budget
+    short = UNRESOLVED if smaller_budget else NOT_REPRODUCED
+    why_short = " at a smaller budget than the paper's" if smaller_budget else ""
     t = test.threshold
     if test.kind == "greater":
         if est.lo > t:
             return REPRODUCED, f"CI above {t:+g}"
-        if est.hi <= t:  # a zero-width CI at the threshold (equal counts in every seed) is not "greater"
+        # a zero-width CI at the threshold (equal counts in every seed) is not "greater"
+        if est.hi <= t:
             return short, f"CI at or below {t:+g}{why_short}"
         return UNRESOLVED, f"CI contains {t:+g}"
     if test.kind == "at_most":

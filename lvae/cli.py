@@ -485,6 +485,8 @@ def _runs(ns: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['name']:44s} {r['epochs']:6d} {r['status']:>9s} {fmt(r['test_L1']):>9s} "
               f"{fmt(r['test_LK']):>9s} {fmt(r['iw_k']):>5s}")
+        if r.get("error"):  # failed or damaged: what happened and the fix
+            print(f"    {r['status']}: {r['error']}")
     return 0
 
 

@@ -46,8 +46,8 @@ from . import runs as registry
 from .config import EvalConfig, RunConfig
 from .models import HierarchicalVAE, draw_noise
 from .optim import FlatAdam
-from .train import (NonFiniteLossError, Objective, autocast, default_device, evaluate, fused_adam, generator,
-                    learning_rate, make_optimizer)
+from .train import (DivergedError, NonFiniteLossError, Objective, autocast, default_device, evaluate,
+                    evaluation_problem, fused_adam, generator, learning_rate, make_optimizer)
 from .warmup import warmup_beta
 
 # TrainConfig fields that may differ inside one stacked group (everything else must agree)
@@ -241,6 +241,8 @@ def train_grid(configs: Sequence[RunConfig], epochs: int, eval_config: EvalConfi
     log = log or (lambda s: print(s, file=sys.stderr) if progress else None)
 
     todo, done = [], {}
+    for cfg in configs:  # before any run directory is created
+        registry.check_run_name(cfg.name)
     for i, cfg in enumerate(configs):
         path = base / cfg.dir_name
         if (path / "config.json").exists():
@@ -346,10 +348,20 @@ def _train_members(ms: list[_Member], start: int, epochs: int, ecfg: EvalConfig,
                            "train_loss": sum(m.train_losses) / len(m.train_losses),
                            **evaluate(m.model, data, m.config.train, ecfg, epoch, with_iw, dev)}
                     m.train_losses = []
+                    mcfg = m.config.model
+                    history = registry.read_jsonl(m.path / "metrics.jsonl")
+                    problem = evaluation_problem(row, history, mcfg.x_dim, mcfg.likelihood)
+                    if problem is not None:  # as in lvae.runs: the run fails, naming the epoch and the fix
+                        err = (f"the evaluation of epoch {done} is not sane: {problem}. Training diverged: lower "
+                               f"the learning rate (lr={lr}; --lr on the command line) or check the data.")
+                        m.prov.update({"status": "failed", "error": err, "finished": registry._now()})
+                        registry.atomic_write_json(m.path / "provenance.json", m.prov)
+                        raise DivergedError(f"{m.config.name}: {err}")
                 if row is not None:  # written before the checkpoint of its epoch, as in lvae.runs
                     row["epoch_seconds"] = secs / len(ms)
                     row["grid_size"] = len(ms)
                     registry.append_jsonl(m.path / "metrics.jsonl", row)
+                    m.prov["metrics_rows"] = int(m.prov.get("metrics_rows", 0)) + 1
                 if is_ckpt:
                     registry.save_checkpoint(m.path, m.model, trainer.model_optimizer(i, lr), done,
                                               m.train_losses, m.save_fp16)

@@ -831,6 +831,12 @@ def open_for_training(config: RunConfig, ecfg: EvalConfig, path: Path, base: Pat
         pending = [float(v) for v in ckpt.get("train_losses", [])]
         if start > 0:
             prov["resumes"] = int(prov.get("resumes", 0)) + 1
+    elif prov.get("epochs", 0) > 0 and prov.get("status") == "complete":
+        # a committed run: its metrics travel with the repository, its full checkpoint does not
+        raise RunError(f"{path.name} is complete after {prov['epochs']} epochs but has no {CHECKPOINT} to resume "
+                       f"from (only its metrics and fp16 weights are committed): training it further would "
+                       f"retrain it from scratch over its recorded history. Train into another registry instead "
+                       f"(lvae train --out DIR, or root=DIR in Python), or delete {path} to retrain it here.")
     elif prov.get("epochs", 0) > 0:
         warnings.warn(f"{path.name}: no {CHECKPOINT} to resume from (only the fp16 weights travel with the "
                       f"repository); retraining from scratch", stacklevel=4)
@@ -905,9 +911,9 @@ def _train_locked(config, epochs, ecfg, path, base, dev, progress, save_fp16, da
             atomic_write_json(path / "provenance.json", prov)
             bar.set_postfix(epoch=done, loss=f"{res.train_loss:.2f}", beta=f"{res.beta:.2f}")
     except NonFiniteLossError as e:
-        kept = _roll_back(path, sane_epoch, save_fp16)
+        kept_epoch, kept = _roll_back(path, sane_epoch, save_fp16)
         error = f"{e} {kept}"
-        prov.update({"status": "failed", "error": error, "finished": _now(), "epochs": sane_epoch or 0,
+        prov.update({"status": "failed", "error": error, "finished": _now(), "epochs": kept_epoch,
                      "metrics_rows": len(history)})
         atomic_write_json(path / "provenance.json", prov)
         raise type(e)(error) from None
@@ -941,21 +947,25 @@ def _keep_as_sane(path: Path, epoch: int) -> int:
     return epoch
 
 
-def _roll_back(path: Path, sane_epoch: int | None, save_fp16: bool) -> str:
+def _roll_back(path: Path, sane_epoch: int | None, save_fp16: bool) -> tuple[int, str]:
     """After a failure, make the checkpoint (and the fp16 weights) those of the last sane state of
-    this session; returns the sentence that says which one the run keeps."""
+    this session (none: a fresh run that reached no sane evaluation); returns the epoch kept and
+    the sentence that says so."""
     sane = path / SANE_CHECKPOINT
-    if sane_epoch is not None and sane.exists():
+    if sane_epoch is None:
+        for name in (CHECKPOINT, WEIGHTS_FP16) if save_fp16 else (CHECKPOINT,):
+            (path / name).unlink(missing_ok=True)
+        return 0, "The run keeps no checkpoint: it reached no sane evaluation."
+    if sane.exists():
         os.replace(sane, path / CHECKPOINT)
         _fsync_dir(path)
         if save_fp16:
             model = load_checkpoint(path / CHECKPOINT)["model"]
             half = {k: (v.half() if v.is_floating_point() else v) for k, v in model.items()}
             atomic_torch_save(path / WEIGHTS_FP16, _with_digest({"model": half, "epoch": sane_epoch}))
-        return f"The run keeps its checkpoint of epoch {sane_epoch}, the last sane state it reached."
-    for name in (CHECKPOINT, WEIGHTS_FP16) if save_fp16 else (CHECKPOINT,):
-        (path / name).unlink(missing_ok=True)
-    return "The run keeps no checkpoint: it reached no sane evaluation."
+        return sane_epoch, f"The run keeps its checkpoint of epoch {sane_epoch}, the last sane state it reached."
+    epoch = int(load_checkpoint(path / CHECKPOINT)["epoch"])  # (the link vanished: keep what there is)
+    return epoch, f"The run keeps its latest checkpoint, of epoch {epoch}."
 
 
 def save_per_image(path: Path, row: dict, arrays: dict) -> str:

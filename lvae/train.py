@@ -81,8 +81,9 @@ def evaluation_problem(row: dict, history: list[dict], x_dim: int, likelihood: s
     floor = SANITY_FACTOR * trivial
     low = [k for k in BOUND_KEYS if k in row and row[k] < floor]
     if low:
+        trivial_model = "0.5" if likelihood == "bernoulli" else "N(0.5, 1)"
         return (f"{low[0]} = {row[low[0]]:.4g} nats per image, more than {SANITY_FACTOR:g} times below the "
-                f"{trivial:.1f} of a model that predicts {'0.5 for every pixel' if likelihood == 'bernoulli' else 'N(0.5, 1) for every pixel'}")
+                f"{trivial:.1f} of a model that predicts {trivial_model} for every pixel")
     rows = [r for r in history if "train_L1" in r][-WORSENING_EVALS:] + [row]
     if len(rows) == WORSENING_EVALS + 1 and all(r.get("beta", 0.0) >= 1.0 for r in rows):
         values = [r["train_L1"] for r in rows]

@@ -498,7 +498,8 @@ def test_bibliography_style_labels_are_author_year():
 
     bibstyle.register()
     style = find_plugin("pybtex.style.formatting", bibstyle.NAME)()
-    labels = {e.key: e.label for e in style.format_entries(parse_file(ROOT / "book" / "references.bib").entries.values())}
+    entries = parse_file(ROOT / "book" / "references.bib").entries.values()
+    labels = {e.key: e.label for e in style.format_entries(entries)}
     assert labels["sonderby2016ladder"] == "Sønderby et al., 2016"
     assert labels["rezende2015variational"] == "Rezende and Mohamed, 2015"
     assert len(set(labels.values())) == len(labels), labels

@@ -236,7 +236,8 @@ def test_explorer_text_and_digits_are_readable(server, browser):
         m = page.evaluate("""() => {
             const px = e => parseFloat(getComputedStyle(e).fontSize);
             const body = px(document.querySelector('article.bd-article p'));
-            const root = document.querySelector('.jupyter-widgets.widget-vbox') || document.querySelector('.jupyter-widgets');
+            const root = document.querySelector('.jupyter-widgets.widget-vbox')
+                || document.querySelector('.jupyter-widgets');
             const texts = [...root.querySelectorAll('.widget-html-content, select, button, .widget-readout')]
                 .filter(e => e.offsetParent !== null && e.textContent.trim())
                 .map(e => [e.textContent.trim().slice(0, 40), px(e)]);

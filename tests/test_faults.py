@@ -158,7 +158,8 @@ def test_kill_at_point_then_resume_is_bit_identical(fault, reference, tmp_path, 
         assert torch.load(run_dir / CHECKPOINT, weights_only=True)["epoch"] == ckpt_epoch
         assert Run(run_dir).status == "interrupted"  # the dead process no longer holds the lock
     if torn and torn.startswith("line:"):
-        assert not (run_dir / torn[5:]).read_text().endswith("\n"), "the kill did not land mid-row"
+        text = (run_dir / torn[5:]).read_text()
+        assert text and not text.endswith("\n"), "the kill did not land mid-row"
     elif torn:
         assert list(run_dir.glob(f".{torn}.tmp-*")), "the kill did not land between the temp file and its rename"
     run = get_or_train(CONFIG, EPOCHS, ECONFIG, root=tmp_path, progress=False)  # resume

@@ -3,6 +3,7 @@ locking, status and results of failed / unfinished runs, NaN/inf handling."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -233,10 +234,16 @@ def test_an_insane_first_evaluation_keeps_no_checkpoint(monkeypatch, tmp_path):
     assert not (run.path / CHECKPOINT).exists() and not (run.path / WEIGHTS_FP16).exists()
 
 
-def test_a_failure_between_evaluations_rolls_back_to_the_last_evaluated_checkpoint(monkeypatch, tmp_path):
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_failure_between_evaluations_rolls_back_to_the_last_evaluated_checkpoint(monkeypatch, tmp_path, hard_links):
     """Evaluations every 2 epochs, the one of epoch 4 insane: the checkpoint (and fp16 weights) of
-    epoch 3 were never evaluated, so the run goes back to those of epoch 2."""
+    epoch 3 were never evaluated, so the run goes back to those of epoch 2 (kept as a hard link,
+    or a copy on a file system without links)."""
     good = train(tmp_path / "good", stop_after=2)
+    if not hard_links:
+        def no_link(*_):
+            raise OSError(errno.EPERM, "no hard links here")
+        monkeypatch.setattr(lvae.runs.os, "link", no_link)
     spoil_evaluation(monkeypatch, 4, test_L1=float("nan"))
     with pytest.raises(lvae.train.DivergedError, match="epoch 4 is not sane.*keeps its checkpoint of epoch 2"):
         train(tmp_path / "bad")
@@ -310,7 +317,9 @@ def test_a_run_name_must_be_one_folder_name(tmp_path, name):
 def test_cli_name_escaping_out_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["train", "--name", "../x", "--out", str(tmp_path / "out"), "--epochs", "1", "--warmup-epochs", "1",
-                  "--quiet"])
+                  "--quiet", "--dataset", "synthetic", "--subset", "64", "--x-dim", "64", "--depth", "1",
+                  "--latent-sizes", "2", "--hidden-sizes", "8", "--eval-iw-samples", "2",
+                  "--eval-test-subset", "16", "--eval-train-subset", "16"])  # were it not refused: seconds
     assert exit_.value.code == 2 and "is not a single folder name" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
