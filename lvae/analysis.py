@@ -100,13 +100,9 @@ Key = tuple  # (variant, depth, seed): how every run of a profile is looked up
 def find_run(profile, variant: str, depth: int, seed: int, root=None):
     """The registry's run of one model of ``profile`` (a Profile or its name), never training it:
     None when it was never started (a partial or failed run is returned as it is)."""
-    from .profiles import experiment, load_profile
-    from .runs import Run, results_dir
+    from .profiles import find_run as _find
 
-    p = load_profile(profile) if isinstance(profile, str) else profile
-    cfg, _ = experiment(p, variant, depth, seed)
-    path = results_dir(root) / cfg.dir_name
-    return Run(path) if (path / "config.json").exists() else None
+    return _find(profile, variant, depth, seed, root)
 
 
 def profile_runs(profile, root=None, variants: Sequence[str] | None = None,
@@ -732,10 +728,12 @@ def upper_layer_share(kl_layers: Sequence[float]) -> float:
 
 
 def has_weights(run) -> bool:
-    """Whether a run's trained weights are in the registry (:meth:`lvae.runs.Run.load_model` works)."""
-    from .runs import CHECKPOINT, WEIGHTS_FP16
+    """Whether a run's committed fp16 weights are in the registry. The full checkpoint is not
+    counted: it stays on the machine that trained the run, so a chapter that used it would show
+    other numbers on a fresh clone."""
+    from .runs import WEIGHTS_FP16
 
-    return run is not None and run.ok and any((run.path / f).exists() for f in (CHECKPOINT, WEIGHTS_FP16))
+    return run is not None and run.ok and (run.path / WEIGHTS_FP16).exists()
 
 
 def kl_units_from_weights(run, x: torch.Tensor, samples: int | None = None, batch_size: int = 1000,

@@ -20,6 +20,7 @@ repository's ``_build/`` and says first what it will train. The build itself (``
 """
 from __future__ import annotations
 
+import contextlib
 import ast
 import dataclasses
 import html
@@ -56,7 +57,8 @@ OVERRIDES = {name: field for name, (field, _, _) in PARAMETERS.items()}
 # the names every chapter uses, put into its namespace by setup(): name -> (module, attribute or None)
 CHAPTER_NAMES = {"analysis": ("lvae.analysis", None), "paper": ("lvae.paper", None), "plots": ("lvae.plots", None),
                  "glue": ("lvae.book", "glue"), "table": ("lvae.book", "table"),
-                 "get_run": ("lvae.profiles", "get_run"), "grid_runs": ("lvae.profiles", "grid_runs")}
+                 "get_run": ("lvae.profiles", "get_run"), "grid_runs": ("lvae.profiles", "grid_runs"),
+                 "seed_runs": ("lvae.profiles", "seed_runs")}
 # training-set sizes, to scale a committed run's epoch time to a subset (a rough time estimate only)
 _TRAIN_IMAGES = {"mnist": 60_000}
 _TEST_IMAGES = {"mnist": 10_000}
@@ -191,11 +193,11 @@ def _complete(path: Path, epochs: int):
 
 
 def profile_configs(P) -> list:
-    """The RunConfigs a chapter reads under profile ``P``: its grid (variants x depths) for every seed
-    it lists, which is what ``grid_runs(P, seeds=P.seeds)`` returns (chapters average over seeds)."""
+    """The RunConfigs a chapter may train under profile ``P``: its grid (variants x depths) for its
+    first seed. Further seeds are only read when present (:func:`lvae.profiles.grid_runs`)."""
     from .profiles import experiment
 
-    return [experiment(P, v, d, s)[0] for s in P.seeds for v in P.variants for d in P.depths]
+    return [experiment(P, v, d, s)[0] for s in P.seeds[:1] for v in P.variants for d in P.depths]
 
 
 def _minutes(seconds: float) -> str:
@@ -366,7 +368,8 @@ def setup(namespace: dict[str, Any]):
     except ImportError:
         shell = None
     if shell is not None:
-        shell.run_line_magic("matplotlib", "inline")
+        with contextlib.suppress(NotImplementedError):  # a bare InteractiveShell (no kernel) has no GUI hook
+            shell.run_line_magic("matplotlib", "inline")
     glue("budget", P.budget())
     glue("profile", P.name)
     return P

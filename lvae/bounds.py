@@ -97,7 +97,8 @@ def iw_bound(model: HierarchicalVAE, x: torch.Tensor, k: int,
     uses population statistics. Bad x is refused as by :func:`elbo`.
     """
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k={k!r} must be >= 1 (an integer: the number of importance samples)")
+        raise ValueError(f"k={k!r} must be >= 1 "
+                         "(an integer: the number of importance samples)")
     _check_count("chunk_size", chunk_size, "all k samples at once")
     model.check_input(x)
     return _iw_bound(model, x, k, min(chunk_size or k, k), generator)
@@ -136,7 +137,8 @@ def iw_bound_batched(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk_size
     floating-point rounding (``tests/test_speed.py``).
     """
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"k={k!r} must be >= 1 (an integer: the number of importance samples)")
+        raise ValueError(f"k={k!r} must be >= 1 "
+                         "(an integer: the number of importance samples)")
     _check_count("chunk_size", chunk_size, "all k samples at once")
     _check_count("batch_size", batch_size)
     model.check_input(x)

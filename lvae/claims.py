@@ -96,12 +96,14 @@ def decide(est: Estimate | None, test: Criterion,
         return UNRESOLVED, "no confidence interval"
     smaller_budget = test.budget_limited and not at_paper_budget
     short = UNRESOLVED if smaller_budget else NOT_REPRODUCED
-    why_short = " at a smaller budget than the paper's" if smaller_budget else ""
+    why_short = (" at a smaller budget than the paper's"
+                 if smaller_budget else "")
     t = test.threshold
     if test.kind == "greater":
         if est.lo > t:
             return REPRODUCED, f"CI above {t:+g}"
-        # a zero-width CI at the threshold (equal counts in every seed) is not "greater"
+        # a zero-width CI at the threshold (equal counts in every seed)
+        # is not "greater"
         if est.hi <= t:
             return short, f"CI at or below {t:+g}{why_short}"
         return UNRESOLVED, f"CI contains {t:+g}"

@@ -122,15 +122,41 @@ def get_run(profile: Profile | str, variant: str, depth: int, seed: int | None =
         return Run(results_dir(root) / cfg.dir_name)
 
 
+def find_run(profile: Profile | str, variant: str, depth: int, seed: int,
+             root: str | os.PathLike | None = None):
+    """The registry's run of one model of ``profile``, never training it: None when it was never
+    started (a partial or failed run is returned as it is, to be shown as such)."""
+    from .runs import Run, results_dir
+
+    cfg, _ = experiment(profile, variant, depth, seed)
+    path = results_dir(root) / cfg.dir_name
+    return Run(path) if (path / "config.json").exists() else None
+
+
+def seed_runs(profile: Profile | str, variant: str, depth: int, *, progress: bool = True,
+              root: str | os.PathLike | None = None, train_all: bool = False) -> dict[int, Any]:
+    """{seed: run} of one model for every seed the profile lists.
+
+    The profile's first seed is trained when missing (:func:`get_run`); the other seeds are read
+    when the registry has them and are None otherwise (``train_all``: train them too). So a
+    chapter stays as fast as one seed and shows every further seed that has been trained
+    (``lvae train --profile NAME --seed S``, or imported from another machine).
+    """
+    p = load_profile(profile) if isinstance(profile, str) else profile
+    return {s: get_run(p, variant, depth, s, progress=progress, root=root) if s == p.seeds[0] or train_all
+            else find_run(p, variant, depth, s, root) for s in p.seeds}
+
+
 def grid_runs(profile: Profile | str, *, progress: bool = True, root: str | os.PathLike | None = None,
-              seeds: tuple[int, ...] | None = None) -> dict[tuple[str, int, int], Any]:
+              seeds: tuple[int, ...] | None = None, train_all: bool = False) -> dict[tuple[str, int, int], Any]:
     """Every run of the profile's grid, keyed by (variant, depth, seed), for ``seeds`` (default: all the
-    profile lists)."""
+    profile lists). As in :func:`seed_runs`, only the profile's first seed is trained when missing
+    (all of ``seeds`` with ``train_all``); a further seed's missing run is None."""
     p = load_profile(profile) if isinstance(profile, str) else profile
     seeds = seeds or p.seeds
     if p.name == "paper":  # the paper's budget: train every missing model at once with the grid trainer
         from .grid import train_profile
 
-        train_profile(p, seeds, root=root, progress=progress)
-    return {(v, d, s): get_run(p, v, d, s, progress=progress, root=root)
-            for s in seeds for v in p.variants for d in p.depths}
+        train_profile(p, seeds if train_all else seeds[:1], root=root, progress=progress)
+    return {(v, d, s): get_run(p, v, d, s, progress=progress, root=root) if s == p.seeds[0] or train_all
+            else find_run(p, v, d, s, root) for s in seeds for v in p.variants for d in p.depths}
