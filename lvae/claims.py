@@ -564,13 +564,17 @@ def _overfit_drop(run: Run):
 
 # -- evaluators: claim args -> parts -------------------------------------------------------------
 def _best_vae(reg: Registry, metric: str) -> tuple[Any, str | None]:
-    """Our best bottom-up VAE on ``metric`` (mean over its complete seeds, each on its most test images)."""
+    """Our best bottom-up VAE on ``metric``: mean over its complete seeds, every model on the same test images."""
     best, best_v = None, -math.inf
-    for spec in reg.vae_cells():
-        runs = reg.cell(spec).runs
+    cells = {spec: reg.cell(spec).runs for spec in reg.vae_cells()}
+    n = None
+    if metric != L1:  # every model on the same test images: the most that every run has
+        common = set.intersection(*[_lk_ns(r, reg.P.iw_samples) for rs in cells.values() for r in rs] or [set()])
+        n = max(common) if common else None
+    for spec, runs in cells.items():
         if not runs:
             continue
-        vals = [final(r, L1) if metric == L1 else (best_lk(r) or {}).get("value") for r in runs]
+        vals = [final(r, L1) if metric == L1 else (best_lk(r, n) or {}).get("value") for r in runs]
         vals = [v for v in vals if v is not None]
         if vals and np.mean(vals) > best_v:
             best, best_v = spec, float(np.mean(vals))

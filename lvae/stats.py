@@ -164,19 +164,11 @@ def contrast_of_means(terms: Sequence[tuple[float, Sequence[float], Sequence[flo
     """
     if not terms:
         raise ValueError("contrast_of_means needs at least one term")
-    m, parts, n_seeds, known = 0.0, [], [], True
+    m, parts, n_seeds, known = _seed_means("contrast_of_means", [(w, v) for w, v, _ in terms])
     for j, (w, values, se) in enumerate(terms):
-        v = np.asarray(list(values), dtype=np.float64)
-        if v.size == 0 or not np.all(np.isfinite(v)):
-            raise ValueError(f"contrast_of_means: term {j} has values {v.tolist()}; a failed run has no number")
         w = float(w)
-        m += w * float(v.mean())
-        n_seeds.append(v.size)
-        if v.size > 1:
-            parts.append((w * w * float(v.var(ddof=1)) / v.size, v.size - 1))
-        else:
-            known = False
         if se is not None:
+            v = np.asarray(list(values), dtype=np.float64)
             s = np.asarray(list(se), dtype=np.float64)
             if s.size != v.size or not np.all(np.isfinite(s)):
                 raise ValueError(f"contrast_of_means: term {j} needs one finite standard error per seed, "
@@ -203,19 +195,8 @@ def contrast_partly_paired(terms: Sequence[tuple[float, Sequence[float], Sequenc
     """
     if not terms:
         raise ValueError("contrast_partly_paired needs at least one term")
-    m, parts, n_seeds, known, sides = 0.0, [], [], True, []
-    for j, (w, values, arrays) in enumerate(terms):
-        v = np.asarray(list(values), dtype=np.float64)
-        if v.size == 0 or not np.all(np.isfinite(v)):
-            raise ValueError(f"contrast_partly_paired: term {j} has values {v.tolist()}; a failed run has no number")
-        w = float(w)
-        m += w * float(v.mean())
-        n_seeds.append(v.size)
-        if v.size > 1:
-            parts.append((w * w * float(v.var(ddof=1)) / v.size, v.size - 1))
-        else:
-            known = False
-        sides.append((w, _stack(arrays, f"term {j}")))
+    m, parts, n_seeds, known = _seed_means("contrast_partly_paired", [(w, v) for w, v, _ in terms])
+    sides = [(float(w), _stack(arrays, f"term {j}")) for j, (w, _, arrays) in enumerate(terms)]
     if len({x.shape[1] for _, x in sides}) != 1 or sides[0][1].shape[1] != n_images:
         raise ValueError(f"contrast_partly_paired needs per-image values on the same {n_images} test images in every "
                          f"term, got sizes {[x.shape[1] for _, x in sides]}")
@@ -223,6 +204,24 @@ def contrast_partly_paired(terms: Sequence[tuple[float, Sequence[float], Sequenc
     if n_images > 1:
         parts.append((float(d.var(ddof=1)) / n_images, n_images - 1))
     return _from_parts(m, parts, min(n_seeds), n_images, known, level)
+
+
+def _seed_means(caller: str, terms) -> tuple[float, list[tuple[float, float]], list[int], bool]:
+    """sum_j w_j mean_s(values_j), its seed variance parts (w_j^2 var_s/S_j, S_j - 1 degrees of freedom)
+    for the terms with two or more seeds, the seed counts, and whether every term had two or more."""
+    m, parts, n_seeds, known = 0.0, [], [], True
+    for j, (w, values) in enumerate(terms):
+        v = np.asarray(list(values), dtype=np.float64)
+        if v.size == 0 or not np.all(np.isfinite(v)):
+            raise ValueError(f"{caller}: term {j} has values {v.tolist()}; a failed run has no number")
+        w = float(w)
+        m += w * float(v.mean())
+        n_seeds.append(v.size)
+        if v.size > 1:
+            parts.append((w * w * float(v.var(ddof=1)) / v.size, v.size - 1))
+        else:
+            known = False
+    return m, parts, n_seeds, known
 
 
 def _from_parts(m: float, parts: list[tuple[float, float]], n_seeds: int, n_images: int | None, known: bool,

@@ -12,6 +12,7 @@ import time
 import torch
 
 from lvae.profiles import get_run, load_profile
+from lvae.runs import RunLockedError
 
 
 def _ints(text):
@@ -24,6 +25,9 @@ ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: t
 ap.add_argument("--variants", default=None, help="comma-separated variants, in this order (default: the profile's)")
 ap.add_argument("--depths", default=None, help="comma-separated depths (default: the profile's)")
 ap.add_argument("--threads", type=int, default=None)
+ap.add_argument("--reverse", action="store_true",
+                help="the same runs in the opposite order: a second worker on the same list (a run another "
+                     "process trains is skipped)")
 ns = ap.parse_args()
 if ns.threads:
     torch.set_num_threads(ns.threads)
@@ -32,11 +36,14 @@ seeds = _ints(ns.seeds) or p.seeds
 depths = sorted(_ints(ns.depths) or p.depths, reverse=True)
 variants = tuple(ns.variants.split(",")) if ns.variants else \
     tuple(v for v in p.keep_weights if v in p.variants) + tuple(v for v in p.variants if v not in p.keep_weights)
-for d in depths:
-    for seed in seeds:
-        for v in variants:
-            t0 = time.time()
-            run = get_run(p, v, d, seed, progress=False)
-            m = run.metrics()[-1] if run.metrics() else {}
-            print(f"{run.name} [{run.status}, {time.time() - t0:.0f} s]: test L1 {m.get('test_L1', float('nan')):.2f}  "
-                  f"L{m.get('iw_k', '-')} {m.get('test_LK', float('nan')):.2f}", flush=True)
+todo = [(v, d, seed) for d in depths for seed in seeds for v in variants]
+for v, d, seed in reversed(todo) if ns.reverse else todo:
+    t0 = time.time()
+    try:
+        run = get_run(p, v, d, seed, progress=False)
+    except RunLockedError:
+        print(f"{v}-{d} seed {seed}: trained by another process, skipped", flush=True)
+        continue
+    m = run.metrics()[-1] if run.metrics() else {}
+    print(f"{run.name} [{run.status}, {time.time() - t0:.0f} s]: test L1 {m.get('test_L1', float('nan')):.2f}  "
+          f"L{m.get('iw_k', '-')} {m.get('test_LK', float('nan')):.2f}", flush=True)

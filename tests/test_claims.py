@@ -251,3 +251,17 @@ def test_every_claim_on_a_fake_grid_reads_only(tmp_path):
     assert claims.profiles_with_runs(tmp_path, ["smoke", "cpu"]) == ["smoke"]
     summary = claims.summary_rows({"smoke": rows})
     assert [s["smoke"] for s in summary] == [r.verdict for r in rows]
+
+
+def test_best_vae_compares_every_model_on_the_same_test_images(tmp_path):
+    """A later evaluation of one seed on more (harder) images must not make its model look worse:
+    the best VAE on L_K is chosen with every run on the test images they all have."""
+    P = profile()
+    for s in P.seeds:
+        write_run(tmp_path, P, "vae_bn_wu", 1, s, images(0.0, s))
+        write_run(tmp_path, P, "vae_bn_wu", 2, s, images(1.0, s))
+    path = results_dir(tmp_path) / experiment(P, "vae_bn_wu", 2, 0)[0].dir_name
+    append_jsonl(path / "evals.jsonl", {"epoch": P.epochs, "iw_k": P.iw_samples, "n_iw": N_IMAGES,
+                                        "test_LK": -500.0, "test_LK_se": 1.0})
+    best, note = claims._best_vae(Registry(P, tmp_path), "test_LK")
+    assert best == ("vae_bn_wu", 2) and "VAE+BN+WU 2-layer" in note

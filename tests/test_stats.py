@@ -92,3 +92,17 @@ def test_contrast_of_means_adds_the_test_image_error_and_one_seed_is_flagged():
 def test_estimate_excludes_and_text():
     e = Estimate(0.4, 0.1, 0.2, 0.6, 3)
     assert e.excludes(0) and not e.excludes(0.5) and e.text() == "0.40 ± 0.20"
+
+
+def test_partly_paired_with_every_seed_paired_is_the_paired_contrast():
+    """With per-image values for every seed, the seed-mean form and the image-by-image form are one estimate."""
+    from lvae.stats import contrast, contrast_partly_paired
+
+    rng = np.random.default_rng(3)
+    a = [rng.normal(0.3 + 0.05 * s, 1.0, 400) for s in range(3)]
+    b = [x - 0.2 + rng.normal(0, 0.2, 400) for x in a]
+    full = contrast([(1, a), (-1, b)])
+    part = contrast_partly_paired([(1, [x.mean() for x in a], a), (-1, [x.mean() for x in b], b)], 400)
+    assert (part.mean, part.se, part.lo, part.hi) == pytest.approx((full.mean, full.se, full.lo, full.hi))
+    fewer = contrast_partly_paired([(1, [x.mean() for x in a], a[1:]), (-1, [x.mean() for x in b], b[1:])], 400)
+    assert fewer.mean == pytest.approx(full.mean) and fewer.n_seeds == 3
