@@ -414,12 +414,6 @@ class Part:
     reason: str = ""
 
 
-def _per_image_ns(run: Run, k: int) -> set[int]:
-    rows = [r for r in run.metrics() + run.evals() if r.get("per_image") and r.get("epoch") == run.epochs
-            and r.get("iw_k") == k and (run.path / r["per_image"]).exists()]
-    return {int(r["n_iw"]) for r in rows}
-
-
 def _lk_ns(run: Run, k: int) -> set[int]:
     rows = [r for r in run.metrics() + run.evals()
             if r.get("epoch") == run.epochs and r.get("iw_k") == k and r.get("test_LK") is not None]
@@ -456,19 +450,20 @@ def metric_contrast(reg: Registry, terms: Sequence[tuple[float, Any]],
         est = stats.contrast_of_means([(w, v, s) for w, v, s in zip(weights, vals, ses)], n_images=n)
         return est, _unpaired(missing, len(allruns), len(terms)), notes
     # L_K: the most test images every run has
-    common = set.intersection(*[_per_image_ns(r, k) for r in allruns])
+    sizes = {r.path: r.per_image_sizes(k) for r in allruns}
+    common = set.intersection(*sizes.values())
     if common:
         n = max(common)
         per = [[r.per_image(k, n)["test_LK"] for r in rs] for rs in runs]
         est = stats.contrast([(w, ps) for w, ps in zip(weights, per)])
         return est, _paired(terms), notes
-    missing = sorted(r.name for r in allruns if not _per_image_ns(r, k))
+    missing = sorted(r.name for r in allruns if not sizes[r.path])
     common = set.intersection(*[_lk_ns(r, k) for r in allruns])
     if not common:
         return None, "", notes + [f"no L{k} on common test images"]
     n = max(common)
     lks = [[best_lk(r, n) for r in rs] for rs in runs]
-    have = [[r.per_image(k, n)["test_LK"] for r in rs if n in _per_image_ns(r, k)] for rs in runs]
+    have = [[r.per_image(k, n)["test_LK"] for r in rs if n in sizes[r.path]] for rs in runs]
     if len(terms) > 1 and all(have):
         est = stats.contrast_partly_paired([(w, [x["value"] for x in xs], h) for w, xs, h in zip(weights, lks, have)],
                                            n)

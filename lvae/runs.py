@@ -525,23 +525,31 @@ class Run:
         """Per-test-image values of the run's final weights, for paired comparisons between models.
 
         Returns ``{"test_L1": array, "test_LK": array, "k": K, "n": images covered by test_LK,
-        "epoch": E, "source": file}`` from the latest evaluation of the final epoch that stored them
+        "epoch": E, "source": file}`` from an evaluation of the final epoch that stored them
         (training's own final evaluation, or ``lvae eval``) with ``k`` importance samples (any when
-        None) on exactly ``n`` test images (any when None; the most images when several). None
-        when no such evaluation stored per-image values (runs made before they were recorded).
+        None) on exactly ``n`` test images (any when None): the one with the most images, training's
+        own among equals. None when no such evaluation stored per-image values (runs made before
+        they were recorded).
         """
         import numpy as np
 
-        rows = [r for r in self.metrics() + self.evals()
-                if r.get("per_image") and r.get("epoch") == self.epochs
-                and (k is None or r.get("iw_k") == k) and (n is None or r.get("n_iw") == n)]
-        rows = [r for r in rows if (self.path / r["per_image"]).exists()]
+        rows = [r for r in self._per_image_rows(k) if n is None or r.get("n_iw") == n]
         if not rows:
             return None
         row = max(rows, key=lambda r: r.get("n_iw", 0))  # stable: the first of equals, i.e. training's own
         with np.load(self.path / row["per_image"]) as f:
             out = {key: f[key] for key in f.files}
         return {**out, "k": row["iw_k"], "n": row["n_iw"], "epoch": row["epoch"], "source": row["per_image"]}
+
+    def per_image_sizes(self, k: int) -> set[int]:
+        """The test-image counts ``n`` for which :meth:`per_image` has L_``k`` values."""
+        return {int(r["n_iw"]) for r in self._per_image_rows(k)}
+
+    def _per_image_rows(self, k: int | None) -> list[dict]:
+        """Evaluations of the final epoch whose per-image file exists, with ``k`` samples (any: None)."""
+        return [r for r in self.metrics() + self.evals()
+                if r.get("per_image") and r.get("epoch") == self.epochs and (k is None or r.get("iw_k") == k)
+                and (self.path / r["per_image"]).exists()]
 
     def load_model(self, device: str | torch.device = "cpu") -> HierarchicalVAE:
         """The trained model in eval mode (fp32), from the full checkpoint or the fp16 weights."""
