@@ -8,7 +8,7 @@ TORCH   ?= torch==2.13.0
 PROFILE ?= cpu
 PYTEST_ARGS ?=
 
-.PHONY: install install-browser test book notebooks clean-venv
+.PHONY: install install-browser test test-fast book notebooks clean-venv
 
 $(BIN)/activate:
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
@@ -18,7 +18,7 @@ $(BIN)/activate:
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,book]"
+	$(BIN)/python -m pip install -q -e ".[test,book,cluster]"
 	@touch $@
 
 install: $(VENV)/.installed
@@ -33,6 +33,11 @@ install-browser:
 
 test: install install-browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop: every test not marked slow (no book build, no browser, no killed processes, no
+# torch.compile), under 2 minutes on 2 cores. `make test` (what CI runs) is the full suite.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Execute every chapter with papermill under PROFILE (smoke | cpu | paper) and build _build/html.
 # Needs npm (Node.js) once, for the JavaScript the pages serve offline: checked before any chapter runs.

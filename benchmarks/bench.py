@@ -2,7 +2,11 @@
 
     python benchmarks/bench.py                 # everything (about 10-15 minutes on the 2-core CPU)
     python benchmarks/bench.py --quick         # smaller repetitions / subsets (about 3 minutes)
-    python benchmarks/bench.py --only step,iw  # sections: peak, step, epoch, iw, grid, bf16, book
+    python benchmarks/bench.py --only step,iw  # sections: peak, step, epoch, iw, grid, bf16, book, gpu
+
+The ``gpu`` section runs only where CUDA is present (it names the card): the LVAE-5 step at batch 256
+as the eager step (lvae.train.train_step), the engine's step (pre-drawn inputs, lvae.engine) and the
+engine's step captured as a CUDA graph, then grid groups (3 and 6 stacked models) eager and captured.
 
 Everything is measured in one process, reference and library interleaved and repeated, and the
 median is reported, because the machine may be shared: the load average is printed with every
@@ -36,8 +40,13 @@ import lvae  # noqa: E402
 from lvae import data as datasets  # noqa: E402
 from lvae.bounds import iw_bound, iw_bound_batched  # noqa: E402
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from lvae.runs import git_commit  # noqa: E402
-from lvae.train import generator, make_optimizer, train_epoch, train_step  # noqa: E402
+from lvae.datasets import load_dataset  # noqa: E402
+from lvae.engine import GridTrainer, SingleModel, epoch_inputs, get_or_train, run_epoch  # noqa: E402
+from lvae.grid import train_grid  # noqa: E402
+from lvae.models import draw_noise  # noqa: E402
+from lvae.storage import git_commit  # noqa: E402
+from lvae.train import bf16_matmul, generator, learning_rate, make_optimizer, train_step  # noqa: E402
+from lvae.warmup import warmup_beta  # noqa: E402
 
 OUT: dict = {}
 PRIMARY = 1  # which time the ratios use: 1 = CPU time (with --threads 1), 0 = wall time
@@ -112,7 +121,7 @@ def lib_model(inference: str):
 
 
 def make_lib_step(model, x, beta=0.5, **train):
-    """The library's training step (lvae.train.train_step, as in train_epoch's loop)."""
+    """The library's training step (lvae.train.train_step: the step of lvae.engine, noise drawn in it)."""
     cfg = TrainConfig(**train)
     opt = make_optimizer(model, cfg)
     g = generator("cpu", "noise", 0, 0)
@@ -172,7 +181,7 @@ def bench_step(reps: int, inner: int, peak_fp32: float) -> list[dict]:
 
 # -- one epoch --------------------------------------------------------------------------------------------
 def bench_epoch(reps: int, subset: int | None, peak_fp32: float) -> list[dict]:
-    data = datasets.load_dataset("mnist", subset=subset, test_subset=100)
+    data = load_dataset("mnist", subset=subset, test_subset=100)
     n = len(data.x_train)
     rows = []
     x0 = torch.zeros(256, 784)
@@ -182,7 +191,8 @@ def bench_epoch(reps: int, subset: int | None, peak_fp32: float) -> list[dict]:
         rm = ref.RefModel(ladder=inference == "ladder")
         rm.load_state_dict(lm.state_dict())
         cfg = TrainConfig(warmup_epochs=200)
-        opt = make_optimizer(lm, cfg)
+        run_cfg = RunConfig(name="bench-epoch", model=lm.config, train=cfg)
+        stepper = SingleModel(lm, make_optimizer(lm, cfg), run_cfg, torch.device("cpu"))
         ropt = ref.make_optimizer(rm)
         g = torch.Generator().manual_seed(0)
 
@@ -196,7 +206,7 @@ def bench_epoch(reps: int, subset: int | None, peak_fp32: float) -> list[dict]:
             ref_epoch(r)
             ts["reference"].append(since(t))
             t = now()
-            train_epoch(lm, opt, data, r, cfg, torch.device("cpu"))
+            lib_epoch(stepper, data, r, run_cfg)
             ts["library fp32"].append(since(t))
         r0 = summarize(ts["reference"])[PRIMARY]
         print(f"[epoch] {label}, {n} images, batch 256   ({load()})")
@@ -210,9 +220,16 @@ def bench_epoch(reps: int, subset: int | None, peak_fp32: float) -> list[dict]:
     return rows
 
 
+def lib_epoch(stepper, data, epoch: int, run_cfg: RunConfig) -> None:
+    """One epoch as lvae.engine.train_stack trains it: the inputs prepared, the steps, one host sync."""
+    cfg = run_cfg.train
+    stepper.set_epoch([warmup_beta(epoch, cfg.warmup_epochs)], learning_rate(epoch, cfg))
+    run_epoch(stepper, epoch_inputs(data, epoch, [run_cfg], stepper.device)).cpu()
+
+
 # -- IW-5000 evaluation -----------------------------------------------------------------------------------
 def bench_iw(n_ratio: int, n_abs: int, k: int, peak_fp32: float) -> list[dict]:
-    data = datasets.load_dataset("mnist", subset=1000, test_subset=max(n_ratio, n_abs))
+    data = load_dataset("mnist", subset=1000, test_subset=max(n_ratio, n_abs))
     xt = data.x_test
     chunk, batch = 500, 50  # as lvae.train.evaluate: 25,000 rows per chunk
     lm = lib_model("ladder").eval()
@@ -268,10 +285,7 @@ def bench_iw(n_ratio: int, n_abs: int, k: int, peak_fp32: float) -> list[dict]:
 
 # -- grid trainer vs one by one ----------------------------------------------------------------------------
 def bench_grid(subset: int) -> list[dict]:
-    from lvae.grid import train_grid
-    from lvae.runs import get_or_train
-
-    data = datasets.load_dataset("mnist", subset=subset, test_subset=100)
+    data = load_dataset("mnist", subset=subset, test_subset=100)
     cfgs = [RunConfig(name=f"bench-s{s}", model=ModelConfig.paper(5, inference="bottom_up"),
                       train=TrainConfig(subset=subset, seed=s)) for s in range(3)]
     ecfg = EvalConfig(every=100, iw_samples=10, test_subset=100, train_subset=100)
@@ -294,10 +308,13 @@ def bench_grid(subset: int) -> list[dict]:
 def bench_bf16(subset: int, epochs: int, seeds: int) -> list[dict]:
     """Test L1 of the same short runs in fp32 and bf16. One short run's L1 moves by ~0.5 nats with
     any rounding-level perturbation (seed-to-seed sd is similar), so the comparison is averaged over
-    ``seeds`` seeds; the per-seed differences are printed too."""
-    from lvae.runs import get_or_train
-
-    data = datasets.load_dataset("mnist", subset=subset, test_subset=1000)
+    ``seeds`` seeds; the per-seed differences are printed too. Where bf16 matmuls are not fast
+    (lvae.train.bf16_matmul) training refuses bf16, and so the section is skipped."""
+    fast, why = bf16_matmul("cpu")
+    if not fast:
+        print(f"[bf16] skipped: no fast bf16 matmul here ({why}); lvae refuses precision='bf16' on this CPU")
+        return []
+    data = load_dataset("mnist", subset=subset, test_subset=1000)
     ecfg = EvalConfig(every=epochs, iw_samples=1, test_subset=1000, train_subset=1000)
     out: dict = {"fp32": [], "bf16": []}
     secs: dict = {"fp32": 0.0, "bf16": 0.0}
@@ -320,6 +337,79 @@ def bench_bf16(subset: int, epochs: int, seeds: int) -> list[dict]:
              "impl": p, "ms": 1e3 * secs[p] / seeds, "test_L1": mean[p],
              **({"diff_vs_fp32": mean[p] - mean["fp32"], "per_seed_diff": diffs} if p == "bf16" else {})}
             for p in ("fp32", "bf16")]
+
+
+# -- GPU: eager step, engine step, captured step, grid groups ---------------------------------------------
+def _cuda_ms(fn, steps: int, reps: int) -> float:
+    """Median milliseconds per call of ``fn`` over ``reps`` runs of ``steps`` calls (CUDA events)."""
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / steps)
+    return med(times)
+
+
+def bench_gpu(steps: int, reps: int) -> list[dict]:
+    """LVAE-5 at batch 256 on the GPU: the eager step, the engine's step and its CUDA graph, and grid
+    groups of 3 and 6 models, eager and captured (a grid row: the group's step, and per model)."""
+    if not torch.cuda.is_available():
+        print("[gpu] skipped: no CUDA device")
+        return []
+    dev = torch.device("cuda")
+    card = torch.cuda.get_device_name(dev)
+    OUT["machine"]["gpu"] = card
+    fast, why = bf16_matmul(dev)
+    print(f"[gpu] {card}; bf16 {'fast' if fast else 'not fast'}: {why}   ({load()})")
+    mcfg = ModelConfig.paper(5, inference="ladder")
+    x = (torch.rand(256, 784, generator=torch.Generator().manual_seed(1)) < 0.3).float().to(dev)
+
+    def models(n):
+        out = []
+        for s in range(n):
+            torch.manual_seed(s)
+            out.append(lvae.build_model(mcfg).to(dev))
+        return out
+
+    def inputs(n):
+        g = torch.Generator(device=dev).manual_seed(0)
+        return x.unsqueeze(0).expand(n, *x.shape), [e.unsqueeze(0).expand(n, *e.shape).contiguous()
+                                                    for e in draw_noise(mcfg, 1, 256, g, dev)]
+
+    cfg = TrainConfig()
+    run_cfgs = [RunConfig(name=f"gpu-{s}", model=mcfg, train=TrainConfig(seed=s)) for s in range(6)]
+    (m,) = models(1)
+    opt = make_optimizer(m, cfg)
+    g = generator(dev, "noise", 0, 0)
+    fns = {"eager step (lvae.train.train_step)": (1, lambda: train_step(m, opt, x, 0.5, cfg, g))}
+    for name, graph in (("engine step", False), ("engine step, CUDA graph", True)):
+        (mm,) = models(1)
+        st = SingleModel(mm, make_optimizer(mm, cfg, capturable=graph), run_cfgs[0], dev, cuda_graph=graph)
+        st.set_epoch([0.5], cfg.lr)
+        xb, eps = inputs(1)
+        fns[name] = (1, lambda st=st, xb=xb, eps=eps: st.step(xb, eps))
+    for n in (3, 6):
+        for graph in (False, True):
+            st = GridTrainer(models(n), run_cfgs[:n], dev, cuda_graph=graph)
+            st.set_epoch([0.5] * n, cfg.lr)
+            xb, eps = inputs(n)
+            fns[f"grid of {n}{', CUDA graph' if graph else ''}"] = (n, lambda st=st, xb=xb, eps=eps: st.step(xb, eps))
+    for _, f in fns.values():  # warm-up (and capture)
+        for _ in range(5):
+            f()
+    torch.cuda.synchronize()
+    rows, base = [], None
+    for name, (n, f) in fns.items():
+        ms = _cuda_ms(f, steps, reps)
+        base = base or ms
+        rows.append({"what": f"GPU train step LVAE-5 (batch 256), {card}", "impl": name, "ms": ms,
+                     "ms_per_model": ms / n, "ratio": ms / n / base})
+        print(f"    {name:36s} {ms:7.2f} ms per step, {ms / n:6.2f} ms per model step, x{ms / n / base:5.2f} of eager")
+    return rows
 
 
 # -- the cached book rebuild -------------------------------------------------------------------------------
@@ -347,7 +437,7 @@ def bench_book(timeout: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="peak,step,epoch,iw,grid,bf16,book")
+    ap.add_argument("--only", default="peak,step,epoch,iw,grid,bf16,book,gpu")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared machine one thread measured in CPU time is the "
                          "stable figure; 2 threads on 2 busy cores measures the neighbours)")
@@ -368,6 +458,9 @@ def main() -> None:
           f"{OUT['machine']['date']}   ({load()})")
     pk = peak(3 if ns.quick else 5)
     OUT["peak"] = pk
+    fast, why = bf16_matmul("cpu")
+    OUT["machine"]["bf16_fast"], OUT["machine"]["bf16_probe"] = fast, why
+    print(f"bf16 matmul on this CPU: {'fast' if fast else 'NOT fast (bf16 rows measure the slow path)'}: {why}")
     rows = []
     if "step" in only:
         rows += bench_step(5 if ns.quick else 9, 3 if ns.quick else 5, pk["float32"])
@@ -382,6 +475,8 @@ def main() -> None:
         rows += bench_bf16(10_000, 2 if ns.quick else 4, 2 if ns.quick else 4)
     if "book" in only:
         rows += bench_book(1800)
+    if "gpu" in only:
+        rows += bench_gpu(20 if ns.quick else 50, 3 if ns.quick else 5)
     OUT["rows"] = rows
     OUT["machine"]["load_end"] = os.getloadavg()
     Path(ns.out).write_text(json.dumps(OUT, indent=2))

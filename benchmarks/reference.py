@@ -1,6 +1,7 @@
 """A plain eager reference LVAE / VAE, written the obvious way, for side-by-side benchmarks.
 
-Same architecture, same parameter names (so a library model's ``state_dict`` loads into it), same
+Same architecture, the library's parameter names of ``lvae_format`` 1 (a library model's
+``state_dict`` loads into it: :meth:`RefModel.load_state_dict` renames today's keys), same
 objective (single-sample ELBO with analytic KL where valid, warm-up beta), same optimiser protocol
 (Adam with PyTorch's default per-parameter loop, clip_grad_norm_ 4, clip_grad_value_ 0.9). The
 importance-weighted bound is computed the naive way: the input is repeated K times and the whole
@@ -13,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lvae.models import format_1_state_dict
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -99,6 +102,10 @@ class RefModel(nn.Module):
         self.ladder = ladder
         self.generative = Generative(lat, hid, bn, x_dim)
         self.inference = (Ladder if ladder else BottomUp)(lat, hid, bn, x_dim)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """Also takes a library model's state dict (its block keys renamed to the role-grouped ones here)."""
+        return super().load_state_dict(format_1_state_dict(state_dict, self.ladder), strict=strict, assign=assign)
 
     def prior(self, i, z):
         g = self.generative

@@ -1,36 +1,35 @@
-"""What the book's analysis chapters compute from stored runs.
+"""The numbers and table rows the book's chapters show, computed from stored runs.
 
-Everything here reads the run registry (:mod:`lvae.runs`, :func:`lvae.profiles.get_run`) or a
-trained model: metric histories, the paper-vs-ours comparison rows, active units, the layer-wise
-KL split (Fig 5), PCA of posterior means (Fig 6), reconstructions and samples (Figs 9-10) and
-latent traversals (the explorer widget).
+Everything here reads the run registry read-only (:mod:`lvae.runs`, :func:`lvae.profiles.find_run`):
+metric histories, each model's numbers over its seeds (:class:`SeedMean`), differences between
+models (:func:`run_contrast`), the paper-vs-ours rows keyed by the paper's key (:func:`headline`,
+:func:`table1_rows`), active units and the layer-wise KL split (Figs 4-5), the longer budgets and
+the registry. Passes of a trained model are in :mod:`lvae.probes`; the speed benchmarks' tables in
+:mod:`lvae.benchmark_tables`.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-import torch
 
 from . import paper
-from .experiments import VARIANTS
-from .gaussian import precision_weighted
-from .models import HierarchicalVAE
-from .runs import RunFailedError, RunIncompleteError
-from .stats import Estimate, contrast, contrast_of_means, mean_ci
+from .datasets import load_dataset
+from .experiments import VARIANTS, finetune_config, run_config
+from .profiles import available, experiment, find_run, load_profile
+from .runs import Run, RunFailedError, RunIncompleteError, list_runs, results_dir
+from .stats import Estimate, contrast, contrast_of_means, contrast_partly_paired, mean_ci
 from .train import ACTIVE_UNIT_THRESHOLD
 
 __all__ = [
-    "ACTIVE_UNIT_THRESHOLD", "history", "kl_history", "active_units", "final", "find_run", "profile_runs",
-    "SeedMean", "seed_mean", "lk_images", "grid_estimates", "grid_table", "best_model", "difference", "headline",
+    "ACTIVE_UNIT_THRESHOLD", "history", "kl_history", "active_units", "final", "profile_runs",
+    "SeedMean", "seed_mean", "iw_k", "lk_images", "lk_counts", "grid_estimates", "grid_table", "best_model",
+    "run_contrast", "difference", "headline",
     "grid_rows", "active_unit_rows", "table1_rows", "budget_runs", "budget_rows", "budget_differences",
     "learning_curves",
-    "kl_units_from_weights", "layer_kl", "posterior_means", "pca", "reconstruct", "traversal", "traversal_values",
-    "merge_sharpening", "iw_curve", "test_data",
+    "layer_kl", "test_data",
 ]
 
 
@@ -73,19 +72,34 @@ def best_lk(run, n: int | None = None) -> dict[str, Any] | None:
     newest. Keys: value, se, k, n, seconds, source."""
     if run is None or not run.ok:
         return None
-    row = next((r for r in reversed(run.metrics()) if "test_LK" in r), None)  # the final L_K evaluation
-    if row is None:
+    cands = _lk_candidates(run)
+    if not cands:
         return None
-    cands = [{"value": row["test_LK"], "se": row.get("test_LK_se"), "k": row.get("iw_k"), "n": row.get("n_iw"),
-              "seconds": row.get("iw_seconds"), "source": "training-time evaluation"}]
-    for e in run.evals():  # in the order they were made
-        if e.get("epoch") == run.epochs and e.get("test_LK") is not None and e.get("iw_k") == cands[0]["k"]:
-            cands.append({"value": e["test_LK"], "se": e.get("test_LK_se"), "k": e["iw_k"], "n": e.get("n_iw"),
-                          "seconds": e.get("iw_seconds"), "source": f"lvae eval on {short_device(e.get('device')) or '?'}"})
     if n is not None:
         cands = [c for c in cands if c["n"] == n] or [cands[0]]
     # the most images; among equals the newest (a re-run with faster code times the current code)
     return max(reversed(cands), key=lambda c: c["n"] or 0)
+
+
+def _lk_candidates(run) -> list[dict[str, Any]]:
+    """The L_K of a run's final weights: the last training-time L_K evaluation, then every ``lvae eval``
+    of the final epoch with as many importance samples, in the order they were made (keys of :func:`best_lk`)."""
+    row = next((r for r in reversed(run.metrics()) if "test_LK" in r), None)
+    if row is None:
+        return []
+    cands = [{"value": row["test_LK"], "se": row.get("test_LK_se"), "k": row.get("iw_k"), "n": row.get("n_iw"),
+              "seconds": row.get("iw_seconds"), "source": "training-time evaluation"}]
+    for e in run.evals():
+        if e.get("epoch") == run.epochs and e.get("test_LK") is not None and e.get("iw_k") == cands[0]["k"]:
+            cands.append({"value": e["test_LK"], "se": e.get("test_LK_se"), "k": e["iw_k"], "n": e.get("n_iw"),
+                          "seconds": e.get("iw_seconds"), "source": f"lvae eval on {short_device(e.get('device')) or '?'}"})
+    return cands
+
+
+def lk_counts(run, k: int | None = None) -> set[int | None]:
+    """The test-image counts on which a run's final weights have an L_K (with ``k`` importance
+    samples; any when None): the ``n`` that :func:`best_lk` accepts."""
+    return {c["n"] for c in _lk_candidates(run) if k is None or c["k"] == k}
 
 
 def model_label(run, label: str) -> str:
@@ -97,23 +111,18 @@ def model_label(run, label: str) -> str:
 Key = tuple  # (variant, depth, seed): how every run of a profile is looked up
 
 
-def find_run(profile, variant: str, depth: int, seed: int, root=None):
-    """The registry's run of one model of ``profile`` (a Profile or its name), never training it:
-    None when it was never started (a partial or failed run is returned as it is)."""
-    from .profiles import find_run as _find
-
-    return _find(profile, variant, depth, seed, root)
-
-
 def profile_runs(profile, root=None, variants: Sequence[str] | None = None,
                  depths: Sequence[int] | None = None) -> dict[Key, Any]:
     """Every (variant, depth, seed) of ``profile`` (all its seeds) -> its run or None, read-only
-    (:func:`lvae.profiles.grid_runs` trains what is missing instead)."""
-    from .profiles import load_profile
-
+    (:func:`lvae.profiles.find_run`; :func:`lvae.profiles.grid_runs` trains what is missing instead)."""
     p = load_profile(profile) if isinstance(profile, str) else profile
     return {(v, d, s): find_run(p, v, d, s, root) for s in p.seeds for v in (variants or p.variants)
             for d in (depths or p.depths)}
+
+
+def iw_k(runs: Iterable, default: int | None = None) -> int | None:
+    """The importance samples K of the L_K the runs measured: the first run's that has one, else ``default``."""
+    return next((r.last("iw_k") for r in runs if r is not None and r.last("iw_k")), default)
 
 
 def run_state(run) -> str:
@@ -132,19 +141,10 @@ def lk_images(runs: Iterable) -> int | None:
     for run in runs:
         if run is None or not run.ok:
             continue
-        counts = _lk_counts(run)
+        counts = lk_counts(run)
         if counts:
             common = counts if common is None else common & counts
     return max(common) if common else None
-
-
-def _lk_counts(run) -> set[int]:
-    row = next((r for r in reversed(run.metrics()) if "test_LK" in r), None)
-    if row is None:
-        return set()
-    return {row.get("n_iw")} | {e.get("n_iw") for e in run.evals()
-                                if e.get("epoch") == run.epochs and e.get("test_LK") is not None
-                                and e.get("iw_k") == row.get("iw_k")}
 
 
 def run_value(run, metric: str, n: int | None = None) -> tuple[float, float | None, int | None] | None:
@@ -273,30 +273,69 @@ def best_model(runs: dict, metric: str, variants: Sequence[str], n: int | None =
     return max(scored, key=lambda mv: mv[1])[0] if scored else None
 
 
+def run_contrast(terms: Sequence[tuple[float, Sequence[Run]]], metric: str, k: int | None = None,
+                 n: int | None = None) -> tuple[Estimate | None, str]:
+    """sum_j w_j * model j's final ``metric``, each model the mean over its runs (one per seed).
+
+    ``terms``: ``(w_j, the complete runs of model j, at least one)``; ``metric``: ``test_L1``, or
+    ``test_LK`` with ``k`` importance samples (any when None) on ``n`` test images (None: the most
+    on which every run has per-image values, else an L_K, see :func:`lk_counts`). Image by image
+    (:func:`lvae.stats.contrast`) when every run stored per-image values on the same images; when
+    only some did, but each model has one, the seed means with the test-image part paired on those
+    (:func:`lvae.stats.contrast_partly_paired`); otherwise the seed means with each run's test-image
+    s.e. (:func:`lvae.stats.contrast_of_means`). Returns (estimate, how it was computed), or
+    (None, why) when the runs have no L_K on common test images.
+    """
+    weights = [float(w) for w, _ in terms]
+    runs = [list(rs) for _, rs in terms]
+    allruns = [r for rs in runs for r in rs]
+    if metric == "test_L1":
+        per = [[r.per_image() for r in rs] for rs in runs]
+        if all(p is not None for ps in per for p in ps) and len({p["test_L1"].size for ps in per for p in ps}) == 1:
+            return contrast([(w, [p["test_L1"] for p in ps]) for w, ps in zip(weights, per)]), _paired(terms)
+        n = final(allruns[0], "n_test")
+        values = [[final(r, metric) for r in rs] for rs in runs]
+        ses = [[final(r, metric + "_se") for r in rs] for rs in runs]
+        have = [[p["test_L1"] for p in ps if p is not None and p["test_L1"].size == n] for ps in per]
+    else:
+        if n is None:
+            common = (set.intersection(*[r.per_image_sizes(k) for r in allruns])
+                      or set.intersection(*[lk_counts(r, k) - {None} for r in allruns]))
+            if not common:
+                return None, f"no L{k or 'K'} on common test images"
+            n = max(common)
+        per = [[r.per_image(k, n) for r in rs] for rs in runs]
+        if all(p is not None for ps in per for p in ps):
+            return contrast([(w, [p["test_LK"] for p in ps]) for w, ps in zip(weights, per)]), _paired(terms)
+        lks = [[best_lk(r, n) for r in rs] for rs in runs]
+        values = [[x["value"] for x in xs] for xs in lks]
+        ses = [[x["se"] for x in xs] for xs in lks]
+        have = [[p["test_LK"] for p in ps if p is not None] for ps in per]
+    missing = sorted({r.name for rs, ps in zip(runs, per) for r, p in zip(rs, ps) if p is None})
+    if len(terms) > 1 and all(have):
+        est = contrast_partly_paired([(w, v, h) for w, v, h in zip(weights, values, have)], n)
+        return est, (f"seed means; test-image spread paired per image on the {len(allruns) - len(missing)} of "
+                     f"{len(allruns)} runs with per-image values")
+    est = contrast_of_means([(w, v, s if all(e is not None for e in s) else None)
+                             for w, v, s in zip(weights, values, ses)], n_images=n)
+    what = "unpaired difference of seed means" if len(terms) > 1 else "mean over seeds"
+    return est, f"{what} ({len(missing)} of {len(allruns)} runs have no per-image values)"
+
+
+def _paired(terms) -> str:
+    return "paired per test image" if len(terms) > 1 else "mean over seeds"
+
+
 def difference(runs: dict, a: tuple[str, int], b: tuple[str, int], metric: str,
                n: int | None = None) -> Estimate | None:
-    """Model a minus model b, each (variant, depth) averaged over its seeds in ``runs``: paired image by
-    image (:func:`lvae.stats.contrast`) when every run stored its per-image values on the same
-    images, otherwise from the per-seed means and their test-image s.e. (:func:`lvae.stats.contrast_of_means`).
-    ``metric``: ``test_L1`` or ``test_LK`` (on ``n`` test images). None when a side has no number."""
-    models = (a, b)
-    sides = [seed_mean(runs, *m, metric, n) for m in models]
+    """Model a minus model b, each (variant, depth) over its seeds in ``runs`` that have the number
+    (:func:`seed_mean`), by :func:`run_contrast`: image by image where the runs stored per-image
+    values. ``metric``: ``test_L1`` or ``test_LK`` (on ``n`` test images). None when a side has no number."""
+    sides = [seed_mean(runs, *m, metric, n) for m in (a, b)]
     if any(sm.estimate is None for sm in sides):
         return None
-    key = "test_LK" if metric == "test_LK" else "test_L1"
-    arrays = []
-    for m, sm in zip(models, sides):
-        per = [runs[(*m, s)].per_image(n=n if metric == "test_LK" else None) for s in sm.values]
-        if any(p is None or key not in p or (metric == "test_LK" and p["n"] != n) for p in per):
-            break
-        arrays.append([p[key] for p in per])
-    if len(arrays) == 2 and len({x.size for xs in arrays for x in xs}) == 1:
-        return contrast([(1.0, arrays[0]), (-1.0, arrays[1])])
-    terms = []
-    for w, m, sm in zip((1.0, -1.0), models, sides):
-        ses = [run_value(runs[(*m, s)], metric, n)[1] for s in sm.values]
-        terms.append((w, list(sm.values.values()), ses if all(e is not None for e in ses) else None))
-    return contrast_of_means(terms, n_images=sides[0].n_images)
+    terms = [(w, [runs[(*m, s)] for s in sm.values]) for w, m, sm in zip((1.0, -1.0), (a, b), sides)]
+    return run_contrast(terms, metric, n=n if metric == "test_LK" else None)[0]
 
 
 def _fmt_model(key: tuple) -> str:
@@ -324,7 +363,7 @@ def headline(runs: dict, max_depth: int) -> dict[str, dict[str, Any]]:
     best_lk_model = best_model(runs, "test_LK", vaes, lk_images(r for k, r in runs.items() if k[0] in vaes))
     pair = [r for k, r in runs.items() if k[:2] in (lvae, best_lk_model)]
     n = lk_images(pair)
-    k = next((r.last("iw_k") for r in pair if r is not None and r.last("iw_k")), None)
+    k = iw_k(pair)
 
     def row(key: str, model: tuple | None, metric: str) -> dict[str, Any]:
         ref = paper.get(key)
@@ -356,108 +395,7 @@ def _any_run(runs: dict, model: tuple | None):
 # -- data and model passes -----------------------------------------------------------------------
 def test_data(profile, n: int | None = None):
     """The profile's dataset with the first ``n`` test images (labels included)."""
-    from .data import load_dataset
-
     return load_dataset(profile.dataset, subset=1, test_subset=n)
-
-
-@torch.no_grad()
-def posterior_means(model: HierarchicalVAE, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(means, variances) of q(z_i|.) per layer, bottom to top, ``[B, d_i]`` each (one pass, eval mode)."""
-    model.eval()
-    p = model(x, 1, torch.Generator().manual_seed(0))
-    return [layer.mu_q[0] for layer in p.layers], [layer.var_q[0] for layer in p.layers]
-
-
-def pca(z: torch.Tensor | np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """(projections [B, k], explained-variance ratios [k]) of the rows of ``z``."""
-    z = np.asarray(z, dtype=np.float64)
-    z = z - z.mean(0, keepdims=True)
-    _, s, vt = np.linalg.svd(z, full_matrices=False)
-    var = s**2 / max(1, len(z) - 1)
-    k = min(k, vt.shape[0])
-    return z @ vt[:k].T, var[:k] / var.sum() if var.sum() > 0 else np.zeros(k)
-
-
-@torch.no_grad()
-def reconstruct(model: HierarchicalVAE, x: torch.Tensor) -> torch.Tensor:
-    """Mean of p(x|z_1) with every z at its posterior mean (conditional reconstructions, Fig 9b)."""
-    means, _ = posterior_means(model, x)
-    return model.generative.output.mean(model.generative.px_params(means[0]))
-
-
-@torch.no_grad()
-def _down_means(model: HierarchicalVAE, x: torch.Tensor, layer: int, z_layer: torch.Tensor) -> torch.Tensor:
-    """z_1 (mean) below a fixed z_``layer``: for the LVAE the precision-weighted merge of the image's
-    upward pass with the top-down Gaussian; for the VAE (no top-down inference) the prior mean."""
-    z = z_layer
-    inf = model.inference
-    up = inf.upward(x) if model.config.inference == "ladder" else None
-    for i in reversed(range(layer)):
-        mu_p, var_p = model.generative.prior(i, z)
-        if up is not None:
-            mu_t, var_t = inf.top_down(i, z, model.generative)
-            mu_hat, var_hat = up[i]
-            mu_p, _ = precision_weighted(mu_hat.expand_as(mu_t), var_hat.expand_as(var_t), mu_t, var_t)
-        z = mu_p
-    return z
-
-
-def traversal_values(means: torch.Tensor, unit: int, steps: int = 9) -> np.ndarray:
-    """Values for a unit's traversal: from its 2nd to 98th percentile over the test images'
-    posterior means, widened to at least +-2 around their median."""
-    v = means[:, unit].double().numpy()
-    lo, mid, hi = np.percentile(v, [2, 50, 98])
-    lo, hi = min(lo, mid - 2.0), max(hi, mid + 2.0)
-    return np.linspace(lo, hi, steps)
-
-
-@torch.no_grad()
-def traversal(model: HierarchicalVAE, x: torch.Tensor, layer: int, unit: int, values: Sequence[float]) -> torch.Tensor:
-    """Decoded images ``[len(values), x_dim]`` as unit ``unit`` of layer ``layer`` (0 = z_1) moves
-    through ``values`` while the other units of that layer stay at the posterior mean of the single
-    image ``x`` ([1, x_dim]); the layers below follow (see :func:`_down_means`)."""
-    model.eval()
-    means, _ = posterior_means(model, x)
-    z = means[layer].repeat(len(values), 1)
-    z[:, unit] = torch.as_tensor(np.asarray(values), dtype=z.dtype)
-    xs = x.expand(len(values), -1)
-    z1 = _down_means(model, xs, layer, z)
-    return model.generative.output.mean(model.generative.px_params(z1))
-
-
-# -- live demos for the methods chapter ----------------------------------------------------------
-@torch.no_grad()
-def merge_sharpening(model: HierarchicalVAE, x: torch.Tensor) -> list[dict[str, float]]:
-    """Per LVAE layer below the top: mean variance of the upward Gaussian, of the top-down one and of
-    their precision-weighted merge q (eqs 17-18). The merge is never wider than either input."""
-    model.eval()
-    inf = model.inference
-    up = inf.upward(x)
-    p = model(x, 1, torch.Generator().manual_seed(0))
-    rows = []
-    for i in range(len(up) - 1):
-        z_above = p.layers[i + 1].z[0]
-        mu_t, var_t = inf.top_down(i, z_above, model.generative)
-        mu_q, var_q = precision_weighted(up[i][0], up[i][1], mu_t, var_t)
-        rows.append({"layer": f"z{i + 1}", "bottom-up var": float(up[i][1].mean()),
-                     "top-down var": float(var_t.mean()), "merged var": float(var_q.mean()),
-                     "merged ≤ both (all units)": bool((var_q <= torch.minimum(up[i][1], var_t) + 1e-7).all())})
-    return rows
-
-
-@torch.no_grad()
-def iw_curve(model: HierarchicalVAE, x: torch.Tensor, ks: Sequence[int] = (1, 5, 50, 500),
-             seed: int = 0) -> list[dict[str, float]]:
-    """Test L_K (mean and s.e. over ``x``) for each K: the IW bound tightens as K grows (eq 6)."""
-    from .bounds import iw_bound
-
-    model.eval()
-    rows = []
-    for k in ks:
-        v = iw_bound(model, x, k, chunk_size=500, generator=torch.Generator().manual_seed(seed)).double()
-        rows.append({"K": k, "L_K": float(v.mean()), "s.e.": float(v.std() / np.sqrt(len(v)))})
-    return rows
 
 
 @dataclass
@@ -483,7 +421,7 @@ def grid_rows(runs: dict, variants: Sequence[str]) -> list[dict[str, Any]]:
     """One row per model (variant order as given, then depth) of the grid: the Fig 3 numbers, each the
     mean over every seed in ``runs`` (:class:`SeedMean` cells); L_K on the test images all runs have."""
     n = lk_images(runs.values())
-    k = next((r.last("iw_k") for r in runs.values() if r is not None and r.last("iw_k")), None)
+    k = iw_k(runs.values())
     seeds = sorted({key[2] for key in runs})
     rows = []
     for v in variants:
@@ -501,47 +439,57 @@ def grid_rows(runs: dict, variants: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def active_unit_counts(runs: dict, variants: Sequence[str], depth: int,
-                       kl_units: dict[Key, Sequence[Sequence[float]]] | None = None) -> dict[str, list[SeedMean]]:
-    """{variant: [active units of z1, ..., z_depth, total]} as :class:`SeedMean` over every seed in
-    ``runs``; the per-unit KL of each run is ``kl_units[key]`` where given (e.g. recomputed from the
-    weights, :func:`kl_units_from_weights`), else the one stored by training."""
-    seeds = sorted({k[2] for k in runs})
+                       kl_units: dict[Key, Sequence[Sequence[float]]] | None = None
+                       ) -> dict[str, dict[str, SeedMean]]:
+    """{variant: {"z1": active units of z1, ..., "z<depth>": ..., "total": over the layers}} as
+    :class:`SeedMean` over every seed in ``runs``; the per-unit KL of each run is ``kl_units[key]``
+    where given (e.g. recomputed from the weights, :func:`lvae.probes.kl_units_from_weights`), else
+    the one stored by training."""
     out = {}
     for v in variants:
-        per_seed: dict[int, list[int]] = {}
-        missing = {}
-        for s in seeds:
-            key = (v, depth, s)
-            kl = (kl_units or {}).get(key)
-            if kl is None:
-                kl = final(runs.get(key), "kl_units")
-            if kl is None:
-                missing[s] = run_state(runs.get(key))
-                continue
-            act = active_units(kl)
-            per_seed[s] = act + [sum(act)]
-        n_cols = depth + 1
-        out[v] = [SeedMean("active_units", {s: float(a[i]) for s, a in per_seed.items()}, missing,
-                           mean_ci([a[i] for a in per_seed.values()]) if per_seed else None, None, None)
-                  for i in range(n_cols)]
+        per, missing, _ = _kl_units_by_seed(runs, v, depth, kl_units)
+        per_seed = {s: active_units(kl) for s, kl in per.items()}
+        per_seed = {s: act + [sum(act)] for s, act in per_seed.items()}
+        names = [f"z{i + 1}" for i in range(depth)] + ["total"]
+        out[v] = {name: SeedMean("active_units", {s: float(a[i]) for s, a in per_seed.items()}, missing,
+                                 mean_ci([a[i] for a in per_seed.values()]) if per_seed else None, None, None)
+                  for i, name in enumerate(names)}
     return out
+
+
+def _kl_units_by_seed(runs: dict, variant: str, depth: int, kl_units: dict[Key, Any] | None
+                      ) -> tuple[dict[int, Sequence[Sequence[float]]], dict[int, str], list[int]]:
+    """({seed: per-unit KL}, {seed: why it has none}, the seeds whose KL came from ``kl_units``) of
+    model (variant, depth) over every seed in ``runs``: ``kl_units[key]`` where given, else the KL
+    stored by training."""
+    per, missing, recomputed = {}, {}, []
+    for s in sorted({k[2] for k in runs}):
+        key = (variant, depth, s)
+        kl = (kl_units or {}).get(key)
+        if kl is not None:
+            recomputed.append(s)
+        else:
+            kl = final(runs.get(key), "kl_units")
+        if kl is None:
+            missing[s] = run_state(runs.get(key))
+            continue
+        per[s] = kl
+    return per, missing, recomputed
 
 
 def active_unit_rows(runs: dict, variants: Sequence[str], depth: int,
                      kl_units: dict[Key, Sequence[Sequence[float]]] | None = None) -> list[dict[str, Any]]:
     """Active units per layer (and in total) of each variant at ``depth``, mean over the seeds
     (see :func:`active_unit_counts`); layer sizes in the column names."""
-    from .experiments import run_config
-
     counts = active_unit_counts(runs, variants, depth, kl_units)
     sizes = run_config(variants[0], depth).model.latent_sizes if variants else ()
     rows = []
     for v in variants:
         cols = counts[v]
         rows.append({"model": f"{VARIANTS[v]['label']} {depth}-layer",
-                     "seeds": seeds_cell(cols[-1:], len({k[2] for k in runs})),
-                     **{f"z{i + 1} ({d})": cols[i].text("{:.1f}") for i, d in enumerate(sizes)},
-                     "total": cols[-1].text("{:.1f}"), "of": sum(sizes)})
+                     "seeds": seeds_cell([cols["total"]], len({k[2] for k in runs})),
+                     **{f"z{i + 1} ({d})": cols[f"z{i + 1}"].text("{:.1f}") for i, d in enumerate(sizes)},
+                     "total": cols["total"].text("{:.1f}"), "of": sum(sizes)})
     return rows
 
 
@@ -549,17 +497,18 @@ TABLE1_KEYS = ("t1_vae1_nf", "t1_iwae2_iw1", "t1_iwae2_iw50", "t1_vae2_vgp", "t1
                "t1_lvae5_ft_iw10")
 
 
-def table1_rows(runs: dict, depth: int, finetune_run=None) -> list[dict[str, Any]]:
-    """Table 1 of the paper with ours where we have runs: the LVAE row (mean over every seed of
-    ``lvae_bn_wu`` at ``depth`` in ``runs``, L_K on the test images all of them have) and the
-    finetuning rows if a finetuning run exists; other papers' models are the paper's numbers only."""
+def table1_rows(runs: dict, depth: int, finetune_run=None) -> dict[str, dict[str, Any]]:
+    """Table 1 of the paper with ours where we have runs, keyed by the paper's key (:data:`TABLE1_KEYS`,
+    in the table's order): the LVAE row (mean over every seed of ``lvae_bn_wu`` at ``depth`` in
+    ``runs``, L_K on the test images all of them have) and the finetuning rows if a finetuning run
+    exists; other papers' models are the paper's numbers only."""
     lvae_runs = {k: r for k, r in runs.items() if k[:2] == ("lvae_bn_wu", depth)}
     n = lk_images(lvae_runs.values())
     lvae = seed_mean(runs, "lvae_bn_wu", depth, "test_LK", n)
-    k = next((r.last("iw_k") for r in lvae_runs.values() if r is not None and r.last("iw_k")), None)
+    k = iw_k(lvae_runs.values())
     ft = seed_mean({("ft", depth, 0): finetune_run}, "ft", depth, "test_LK") if finetune_run is not None else None
     ft_lk = best_lk(finetune_run) or {}
-    rows = []
+    rows = {}
     for key in TABLE1_KEYS:
         ref = paper.get(key)
         if key == "t1_lvae5":
@@ -574,10 +523,10 @@ def table1_rows(runs: dict, depth: int, finetune_run=None) -> list[dict[str, Any
         else:
             est, status = None, "other paper's model"
         value = None if est is None else est.value
-        rows.append({"key": key, "model": ref.model, "paper": ref.value,
+        rows[key] = {"key": key, "model": ref.model, "paper": ref.value,
                      "ours": None if est is None or value is None else est.cell(),
                      "seeds": None if est is None else est.n_seeds, "estimate": est,
-                     "gap": None if value is None else value - ref.value, "ours: run": status})
+                     "gap": None if value is None else value - ref.value, "ours: run": status}
     return rows
 
 
@@ -600,8 +549,6 @@ def table2_rows() -> list[dict[str, Any]]:
 
 def profile_rows() -> list[dict[str, Any]]:
     """Every profile of lvae/profiles.yml, one row each."""
-    from .profiles import available, load_profile
-
     rows = []
     for name in available():
         p = load_profile(name)
@@ -616,8 +563,6 @@ def profile_rows() -> list[dict[str, Any]]:
 def registry_rows(root=None, runs=None) -> list[dict[str, Any]]:
     """The run registry (``lvae runs``) with provenance, or only ``runs`` (e.g. the values of
     ``grid_runs(P)``: the runs the book read); a run's status is shown when it is not complete."""
-    from .runs import list_runs
-
     rows = []
     for r in (list_runs(root) if runs is None else sorted(runs, key=lambda r: r.name)):
         if r.status == "damaged":  # its provenance cannot be read: the row says so instead of a number
@@ -641,80 +586,6 @@ def short_device(device: str | None) -> str | None:
     return device
 
 
-def benchmark_results_path() -> Path | None:
-    """``benchmarks/results.json`` of the repository (a source checkout, or the clone whose
-    ``results/`` the registry reads, as in Colab); None when there is none."""
-    from .runs import results_dir
-
-    for root in (Path(__file__).resolve().parent.parent, results_dir().resolve().parent):
-        if (root / "benchmarks" / "results.json").exists():
-            return root / "benchmarks" / "results.json"
-    return None
-
-
-def benchmark_table(path=None) -> tuple[str, list[dict[str, Any]]]:
-    """(machine description, rows) of the speed benchmark results written by ``benchmarks/bench.py``."""
-    path = path or benchmark_results_path()
-    if path is None:
-        raise FileNotFoundError("no benchmarks/results.json: run `python benchmarks/bench.py` in the repository")
-    res = json.loads(Path(path).read_text())
-    m = res["machine"]
-    timing = "CPU time of one thread" if m["threads"] == 1 else f"wall time, {m['threads']} threads"
-    commit = f", commit {m['git_commit'][:7]}{' (modified)' if m.get('git_dirty') else ''}" \
-        if m.get("git_commit") else ""
-    machine = (f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch thread(s) ({timing}), torch {m['torch']}, "
-               f"{m['date']}{commit}; load average {m['load_start'][0]:.1f} at the start, "
-               f"{m.get('load_end', [float('nan')])[0]:.1f} at the end. Matmul peak measured in the same run: "
-               f"fp32 {res['peak']['float32']:.0f} GFLOP/s, bf16 {res['peak']['bfloat16']:.0f} GFLOP/s.")
-    rows = []
-    for r in res["rows"]:
-        ms = r["ms"]
-        notes = []
-        if "wall_ms" in r and m["threads"] == 1:
-            notes.append(f"wall {r['wall_ms'] / 1000:.1f} s" if r["wall_ms"] >= 1_000 else f"wall {r['wall_ms']:.1f} ms")
-        if "compile_s" in r:
-            notes.append(f"first steps incl. compilation {r['compile_s']:.0f} s")
-        if "extrapolated_full_test_min" in r:
-            notes.append(f"full 10k test set: {r['extrapolated_full_test_min']:.1f} min (extrapolated)")
-        if "test_L1" in r:
-            notes.append(f"test L1 {r['test_L1']:.3f}")
-        if "diff_vs_fp32" in r:
-            notes.append(f"bf16 - fp32 = {r['diff_vs_fp32']:+.3f} nats (per seed: "
-                         f"{', '.join(f'{d:+.2f}' for d in r['per_seed_diff'])})")
-        if "ok" in r and not r["ok"]:
-            notes.append("FAILED")
-        rows.append({"benchmark": r["what"], "implementation": r["impl"],
-                     "time": f"{ms:.1f} ms" if ms < 1_000 else f"{ms / 1000:.1f} s",
-                     "x reference": f"{r['ratio']:.2f}" if "ratio" in r else "",
-                     "GFLOP/s": f"{r['gflops']:.1f}" if "gflops" in r else "",
-                     "% of fp32 peak": f"{100 * r['peak_frac']:.0f}%" if "peak_frac" in r else "",
-                     "notes": "; ".join(notes)})
-    return machine, rows
-
-
-BENCHMARK_IMPLS = ("reference", "library fp32", "library fp32 compiled", "library bf16", "library bf16 compiled")
-
-
-def benchmark_summary(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """:func:`benchmark_table` rows in a narrow form for the book: one row per benchmark measured against
-    the reference, one column per implementation (cells: time, x reference, % of fp32 peak); and every
-    other result (grid, bf16 quality, book rebuild) and every note as a sentence."""
-    by_what: dict[str, dict[str, Any]] = {}
-    sentences = []
-    for r in rows:
-        if r["implementation"] in BENCHMARK_IMPLS and r["x reference"]:
-            cell = tuple(c for c in (r["time"], r["x reference"] and f"{r['x reference']}x",
-                                     r["% of fp32 peak"]) if c)
-            by_what.setdefault(r["benchmark"], {"benchmark": r["benchmark"]})[r["implementation"]] = cell
-            if r["notes"]:
-                sentences.append(f"{r['benchmark']}, {r['implementation']}: {r['notes']}")
-        else:
-            sentences.append(f"{r['benchmark']}, {r['implementation']}: {r['time']}"
-                             + (f", {r['x reference']}x" if r["x reference"] else "")
-                             + (f"; {r['notes']}" if r["notes"] else ""))
-    return list(by_what.values()), sentences
-
-
 def best_depths(runs: dict, metric: str = "test_L1") -> dict[str, int]:
     """The depth with the best mean over the seeds of the final ``metric`` for each variant."""
     table = grid_table(runs, metric)
@@ -727,53 +598,15 @@ def upper_layer_share(kl_layers: Sequence[float]) -> float:
     return 100.0 * float(sum(kl_layers[1:])) / total if total > 0 else 0.0
 
 
-def has_weights(run) -> bool:
-    """Whether a run's committed fp16 weights are in the registry. The full checkpoint is not
-    counted: it stays on the machine that trained the run, so a chapter that used it would show
-    other numbers on a fresh clone."""
-    from .runs import WEIGHTS_FP16
-
-    return run is not None and run.ok and (run.path / WEIGHTS_FP16).exists()
-
-
-def kl_units_from_weights(run, x: torch.Tensor, samples: int | None = None, batch_size: int = 1000,
-                          seed: int = 0) -> list[np.ndarray]:
-    """Per-layer, per-unit KL(q||p) on the images ``x`` of a run's final weights, computed now with
-    :func:`lvae.bounds.kl_per_unit`: closed form where q and p are both Gaussians given the samples,
-    averaged over ``samples`` (default :data:`lvae.bounds.KL_SAMPLES`) posterior samples per image.
-    Training stored a one-sample estimate for the VAE's lower layers; this is the number to compare."""
-    from .bounds import KL_SAMPLES, kl_per_unit
-
-    model = run.load_model()
-    g = torch.Generator().manual_seed(seed)
-    total = None
-    for s in range(0, len(x), batch_size):
-        xb = x[s:s + batch_size]
-        kl = [k.double() * len(xb) for k in kl_per_unit(model, xb, True, g, samples or KL_SAMPLES)]
-        total = kl if total is None else [a + b for a, b in zip(total, kl)]
-    return [(t / len(x)).numpy() for t in total]
-
-
 def layer_kl(runs: dict, variants: Sequence[str], depth: int,
              kl_units: dict[Key, Sequence[Sequence[float]]] | None = None) -> dict[str, dict[str, Any]]:
     """{variant: {"layers": KL per layer (mean over the seeds), "upper": :class:`SeedMean` of the
     percentage above z1 (Fig 5), "recomputed": seeds whose KL came from ``kl_units``}}; a run's
     per-unit KL is ``kl_units[key]`` where given, else the one stored by training."""
-    seeds = sorted({k[2] for k in runs})
     out = {}
     for v in variants:
-        per, missing, recomputed = {}, {}, []
-        for s in seeds:
-            key = (v, depth, s)
-            kl = (kl_units or {}).get(key)
-            if kl is not None:
-                recomputed.append(s)
-            else:
-                kl = final(runs.get(key), "kl_units")
-            if kl is None:
-                missing[s] = run_state(runs.get(key))
-                continue
-            per[s] = [float(np.sum(layer)) for layer in kl]
+        kl_by_seed, missing, recomputed = _kl_units_by_seed(runs, v, depth, kl_units)
+        per = {s: [float(np.sum(layer)) for layer in kl] for s, kl in kl_by_seed.items()}
         shares = {s: upper_layer_share(lay) for s, lay in per.items()}
         out[v] = {"layers": np.mean(list(per.values()), axis=0).tolist() if per else None,
                   "upper": SeedMean("upper_share", shares, missing,
@@ -794,8 +627,6 @@ def budget_runs(depth: int, variants: Sequence[str] = BUDGET_VARIANTS, dataset: 
     of the same configuration trained for other than the profile's epochs), a partial run is
     returned as it is. Runs of profiles added later (e.g. the paper's budget, imported) appear
     here without any change to the caller."""
-    from .profiles import available, load_profile
-
     out = {}
     for name in available():
         p = load_profile(name)
@@ -814,8 +645,6 @@ def budget_runs(depth: int, variants: Sequence[str] = BUDGET_VARIANTS, dataset: 
 def budget_rows(budgets: dict[str, dict[Key, Any]], variants: Sequence[str] = BUDGET_VARIANTS) -> list[dict[str, Any]]:
     """One row per model and budget (:func:`budget_runs`): means over the seeds with their 95 % CI,
     the seeds with a number of the seeds the profile lists, and why the others have none."""
-    from .profiles import load_profile
-
     rows = []
     for v in variants:
         for name, runs in budgets.items():
@@ -826,7 +655,7 @@ def budget_rows(budgets: dict[str, dict[Key, Any]], variants: Sequence[str] = BU
             depth = keys[0][1]
             mine = {k: runs[k] for k in keys}
             n = lk_images(mine.values())
-            k = next((r.last("iw_k") for r in mine.values() if r is not None and r.last("iw_k")), p.iw_samples)
+            k = iw_k(mine.values(), p.iw_samples)
             cells = {m: seed_mean(mine, v, depth, m, n if m == "test_LK" else None, p.seeds)
                      for m in ("train_L1", "test_L1", "test_LK")}
             lk = cells["test_LK"]
@@ -848,15 +677,13 @@ def budget_differences(budgets: dict[str, dict[Key, Any]], a: str = "lvae_bn_wu"
     on test L1 and on L_K over the test images all their seeds have (:func:`difference`): paired
     image by image where the runs stored per-image values. A budget where a side has no finished
     run says so."""
-    from .profiles import load_profile
-
     rows = []
     for name, runs in budgets.items():
         depth = next(iter(runs))[1]
         p = load_profile(name)
         mine = {k: r for k, r in runs.items() if k[0] in (a, b)}
         n = lk_images(mine.values())
-        k = next((r.last("iw_k") for r in mine.values() if r is not None and r.last("iw_k")), p.iw_samples)
+        k = iw_k(mine.values(), p.iw_samples)
         d1 = difference(mine, (a, depth), (b, depth), "test_L1")
         dk = difference(mine, (a, depth), (b, depth), "test_LK", n) if n else None
         seeds = [seed_mean(mine, v, depth, "test_L1", seeds=p.seeds) for v in (a, b)]
@@ -892,10 +719,6 @@ def learning_curves(budgets: dict[str, dict[Key, Any]], variants: Sequence[str] 
 def finetune_run(profile, variant: str = "lvae_bn_wu", depth: int | None = None):
     """The Table 1 finetuning run continuing the profile's ``variant`` model, if it is in the
     registry (None otherwise; it is never trained here)."""
-    from .experiments import finetune_config
-    from .profiles import experiment
-    from .runs import Run, results_dir
-
     parent, _ = experiment(profile, variant, depth or profile.max_depth)
     path = results_dir() / finetune_config(parent, profile.epochs).dir_name
     return Run(path) if (path / "config.json").exists() else None

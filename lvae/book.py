@@ -20,24 +20,32 @@ repository's ``_build/`` and says first what it will train. The build itself (``
 """
 from __future__ import annotations
 
-import contextlib
 import ast
+import contextlib
 import dataclasses
 import html
 import importlib
 import importlib.metadata
+import inspect
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+
+from .analysis import short_device
+from .datasets import DATASETS
+from .profiles import available, experiment, load_profile
+from .runs import RESULTS_ENV, Run, list_runs
+from .storage import RunError
 
 COMMITTED = "results"  # the committed run registry, at the repository root
 SCRATCH = "_build"  # scratch registries (git-ignored): <repository>/_build/<profile>-results
@@ -101,8 +109,6 @@ def parse_parameter(name: str, value: Any, style: str = "papermill") -> Any:
     _, what, example = PARAMETERS[name]
     raw = value
     if name == "dataset":
-        from .data import DATASETS
-
         what, example = f"one of {', '.join(DATASETS)}", DATASETS[0]
 
     def bad() -> ParameterError:
@@ -133,8 +139,6 @@ def parse_parameter(name: str, value: Any, style: str = "papermill") -> Any:
 
 def resolve_profile(profile: str, style: str = "papermill", **overrides: Any):
     """The profile ``profile`` with every non-None override applied (the chapter's papermill parameters)."""
-    from .profiles import available, load_profile
-
     names = available()
     if not isinstance(profile, str) or profile not in names:
         where = "papermill parameter" if style == "papermill" else "option"
@@ -181,8 +185,6 @@ def repository() -> Path | None:
 
 def _complete(path: Path, epochs: int):
     """The run at ``path`` when it is complete with at least ``epochs`` epochs, else None."""
-    from .runs import Run, RunError
-
     if not (path / "config.json").exists():
         return None
     try:
@@ -195,8 +197,6 @@ def _complete(path: Path, epochs: int):
 def profile_configs(P) -> list:
     """The RunConfigs a chapter may train under profile ``P``: its grid (variants x depths) for its
     first seed. Further seeds are only read when present (:func:`lvae.profiles.grid_runs`)."""
-    from .profiles import experiment
-
     return [experiment(P, v, d, s)[0] for s in P.seeds[:1] for v in P.variants for d in P.depths]
 
 
@@ -233,8 +233,6 @@ def _estimate(cfg, P, references: list) -> tuple[float, str] | None:
             n_iw = P.iw_subset or P.test_subset or _TEST_IMAGES.get(tcfg.dataset, iw[-1]["n_iw"])
             n_evals = 1 + (P.epochs - 1) // P.iw_every if P.iw_every else 1
             seconds += n_evals * iw[-1]["iw_seconds"] * (P.iw_samples * n_iw) / (iw[-1]["iw_k"] * iw[-1]["n_iw"])
-        from .analysis import short_device
-
         return seconds, short_device(ref.provenance.get("device")) or "unknown device"
     return None
 
@@ -271,8 +269,6 @@ class RegistryPlan:
     def apply(self) -> None:
         """Copy the reusable committed runs into the scratch registry (without their checkpoints) and
         make this registry the process's default (``$LVAE_RESULTS``, which ``lvae.runs`` reads)."""
-        from .runs import RESULTS_ENV
-
         for src in self.reuse:
             dst = self.path / src.name
             if dst.exists():
@@ -306,8 +302,6 @@ def plan_registry(P) -> RegistryPlan:
 
     So runs of any other profile or parameters never land in ``results/`` unless you ask for it.
     """
-    from .runs import RESULTS_ENV, list_runs
-
     configs = profile_configs(P)
     repo = repository()
     committed = repo / COMMITTED if repo is not None else None
@@ -491,9 +485,6 @@ class Table:
 def show_source(obj: Any):
     """The source of a library function without its docstring, as highlighted code (for chapters
     that show "the few lines that implement it")."""
-    import inspect
-    import textwrap
-
     from IPython.display import Code
 
     src = textwrap.dedent(inspect.getsource(obj))

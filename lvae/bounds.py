@@ -13,7 +13,6 @@ import numbers
 
 import torch
 
-from .layers import BernoulliOutput
 from .gaussian import NoiseReplay
 from .models import HierarchicalVAE, Pass, draw_noise
 
@@ -119,22 +118,23 @@ def _iw_bound(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk: int, gener
     return total.clone()  # a normal tensor (usable outside inference mode)
 
 
-IW_ROWS = 2_500  # samples x images per chunk of work: the [rows, 784] logits stay in the cache
+IW_ROWS = 2_500  # CPU: samples x images per chunk of work, so the [rows, 784] logits stay in the cache
 
 
 def iw_bound_batched(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk_size: int | None, batch_size: int,
                      generator: torch.Generator | None = None, workers: int = 1, progress: bool = False,
-                     rows: int = IW_ROWS) -> torch.Tensor:
+                     rows: int | None = None) -> torch.Tensor:
     """:func:`iw_bound` of every row of ``x``, ``[N]``, with the noise of ``batch_size`` rows at a time.
 
     The noise is drawn exactly as ``torch.cat([iw_bound(model, x[s:s + batch_size], k, chunk_size,
     generator) for s in ...])`` draws it (batch by batch, chunk by chunk, one generator), so each
-    image gets the same samples; the work is then done in sub-batches of ``rows // chunk_size``
-    images (a working set that stays in the cache: ~10% faster than 25,000-row chunks here) and,
-    with ``workers > 1`` on the CPU, by that many threads running their kernels on one core each
-    (~8% faster on this 2-core CPU than two intra-op threads: the samples' small elementwise
-    kernels scale poorly). Results agree with the plain loop, for any ``workers``, up to
-    floating-point rounding (``tests/test_speed.py``).
+    image gets the same samples. On the CPU the work is then done in sub-batches of
+    ``rows // chunk_size`` images (``rows`` default :data:`IW_ROWS`: a working set that stays in the
+    cache, ~10% faster than 25,000-row chunks here) and, with ``workers > 1``, by that many threads
+    running their kernels on one core each (~8% faster on this 2-core CPU than two intra-op threads:
+    the samples' small elementwise kernels scale poorly). On other devices a batch is one piece of
+    work (``rows`` None) on one thread, whatever ``workers`` says. Results agree with the plain
+    loop, for any ``workers`` and ``rows``, up to floating-point rounding (``tests/test_speed.py``).
     """
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k={k!r} must be >= 1 "
@@ -143,8 +143,10 @@ def iw_bound_batched(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk_size
     _check_count("batch_size", batch_size)
     model.check_input(x)
     chunk = min(chunk_size or k, k)
-    sub = max(1, min(batch_size, rows // chunk))
-    workers = max(1, workers) if x.device.type == "cpu" else 1
+    cpu = x.device.type == "cpu"
+    rows = rows if rows is not None else (IW_ROWS if cpu else None)
+    sub = max(1, min(batch_size, rows // chunk)) if rows is not None else batch_size
+    workers = max(1, workers) if cpu else 1
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -194,51 +196,17 @@ def _iw_log_weights(model: HierarchicalVAE, x: torch.Tensor, up, n: int,
                     generator: torch.Generator | None, workspace: dict) -> torch.Tensor:
     """log p(x, z) - log q(z|x) ``[n, B]`` for n samples per input, without building a Pass.
 
-    Same math as ``_log_weights(model.forward_from(x, up, n))``: the 0.5 log 2 pi terms of
-    log p(z) and log q(z) cancel and are dropped, each layer's log p - log q is one fused
-    expression, and for Bernoulli outputs log p(x|z_1) = x.l - sum softplus(l) with
-    x.l = h.(W^T x) + b.x, so the [n, B, 784] logits are read once and x is never expanded.
+    Same math as ``_log_weights(model.forward_from(x, up, n))``: each layer's log p - log q is one
+    fused expression without the 0.5 log 2 pi terms, which cancel
+    (:meth:`~lvae.models.LayerSample.log_ratio_x2`), and log p(x|z_1) is the likelihood's
+    evaluation form with buffers reused over the chunks (``add_log_prob`` of :mod:`lvae.layers`).
     """
-    layers, _ = model.inference.downward(up, n, model.generative, generator)
+    layers, _ = model.posterior(up, n, generator)
     lw = None
     for layer in layers:
-        z, mu_q, var_q = layer.z, layer.mu_q, layer.var_q
-        log_q = torch.log(var_q) + (z - mu_q).square_() / var_q
-        if layer.mu_p is None:
-            diff = log_q - z.square()
-        else:
-            diff = log_q - torch.log(layer.var_p) - (z - layer.mu_p).square_() / layer.var_p
-        term = diff.sum(-1)
+        term = layer.log_ratio_x2()
         lw = term if lw is None else lw + term
-    lw = 0.5 * lw  # = sum_i log p(z_i|.) - log q(z_i|.)
-    # The [n*B, 512] activations and [n*B, 784] logits go into buffers reused over the chunks:
-    # fresh tensors this large are mmap-ed and page-faulted on every chunk (~20% of the time).
-    gen, out = model.generative, model.generative.output
-    z1 = layers[0].z
-    h = z1.reshape(-1, z1.shape[-1])
-    for j, dense in enumerate(gen.output_mlp):
-        if not dense.fast_path():  # batch norm in training mode: the ordinary layer
-            h = dense(h)
-            continue
-        w, b = dense.folded()
-        buf = _buffer(workspace, ("mlp", j), h.shape[0], w.shape[0], h)
-        h = dense.activate_(torch.addmm(b, h, w.t(), out=buf) if b is not None else torch.mm(h, w.t(), out=buf))
-    if not isinstance(out, BernoulliOutput):
-        return lw + out.log_prob(x, out.params(h.view(n, -1, h.shape[-1])))
-    w, b = out.logits.weight, out.logits.bias
-    logits = torch.addmm(b, h, w.t(), out=_buffer(workspace, "logits", h.shape[0], w.shape[0], h))
-    sp = torch._C._nn.softplus(logits, 1, 20, out=logits).sum(-1).view(n, -1)  # in place
-    h = h.view(n, -1, h.shape[-1])
-    prod = _buffer(workspace, "prod", h.shape[0] * h.shape[1], h.shape[2], h).view(h.shape)
-    xl = torch.mul(h, x @ w, out=prod).sum(-1) + x @ b  # sum_j x_j l_j without touching the logits
-    return lw + xl - sp
-
-
-def _buffer(workspace: dict, key, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    buf = workspace.get(key)
-    if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != like.dtype:
-        buf = workspace[key] = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
-    return buf[:rows]
+    return model.likelihood.add_log_prob(0.5 * lw, x, layers[0].z, workspace)
 
 
 KL_SAMPLES = 32  # posterior samples per image for the per-unit KL of analyses (see kl_per_unit)

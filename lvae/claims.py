@@ -23,9 +23,9 @@ threshold, e.g. "does not improve": deeper - shallower <= :data:`NEGLIGIBLE_NATS
 additional layer") is reproduced when every part is, not reproduced when any part is not, and
 otherwise takes the first of not run / unresolved that a part has (:func:`combine`).
 
-Two models are compared image by image (:func:`lvae.stats.contrast`) when every run on both sides
-stored per-image values on the same test images; otherwise by an unpaired difference of seed
-means (:func:`lvae.stats.contrast_of_means`), and the row says which.
+Two models are compared by :func:`lvae.analysis.run_contrast`: image by image when every run on
+both sides stored per-image values on the same test images, paired on the runs that did when only
+some did, otherwise by an unpaired difference of seed means; the row says which.
 """
 from __future__ import annotations
 
@@ -37,10 +37,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import paper, stats
-from .analysis import active_units, best_lk, final
+from .analysis import ACTIVE_UNIT_THRESHOLD, active_units, best_model, final, lk_counts, run_contrast
+from .book import COMMITTED, repository
 from .experiments import FIG3_VARIANTS, VARIANTS, finetune_config
-from .profiles import Profile, experiment, load_profile
-from .runs import Run, RunError, results_dir
+from .profiles import Profile, available, experiment, load_profile
+from .runs import Run, results_dir
+from .storage import RunError
 from .stats import Estimate
 
 # -- verdicts and the rule -----------------------------------------------------------------------
@@ -414,77 +416,19 @@ class Part:
     reason: str = ""
 
 
-def _lk_ns(run: Run, k: int) -> set[int]:
-    rows = [r for r in run.metrics() + run.evals()
-            if r.get("epoch") == run.epochs and r.get("iw_k") == k and r.get("test_LK") is not None]
-    return {int(r["n_iw"]) for r in rows if r.get("n_iw")}
-
-
 def metric_contrast(reg: Registry, terms: Sequence[tuple[float, Any]],
                     metric: str) -> tuple[Estimate | None, str, list[str]]:
-    """sum_j w_j * model_j on ``metric`` (test_L1 or test_LK), paired when every run has per-image values.
+    """sum_j w_j * model_j on ``metric`` (test_L1 or test_LK) over the complete runs of ``reg``, paired
+    image by image as far as the runs stored per-image values (:func:`lvae.analysis.run_contrast`).
 
     Returns (estimate or None when a model has no complete run, how it was computed, notes).
     """
     cells = [reg.cell(spec) for _, spec in terms]
-    notes = [n for c in cells for n in c.notes]
     if any(not c.runs for c in cells):
         return None, "", [n for c in cells if not c.runs for n in c.notes]
-    weights = [w for w, _ in terms]
-    runs = [c.runs for c in cells]
-    allruns = [r for rs in runs for r in rs]
-    k = reg.P.iw_samples
-    if metric == L1:
-        per = [[r.per_image() for r in rs] for rs in runs]
-        if all(p is not None for ps in per for p in ps) and len({p["test_L1"].size for ps in per for p in ps}) == 1:
-            est = stats.contrast([(w, [p["test_L1"] for p in ps]) for w, ps in zip(weights, per)])
-            return est, _paired(terms), notes
-        missing = sorted({r.name for rs, ps in zip(runs, per) for r, p in zip(rs, ps) if p is None})
-        vals = [[final(r, L1) for r in rs] for rs in runs]
-        ses = [[final(r, L1 + "_se") for r in rs] for rs in runs]
-        n = final(allruns[0], "n_test")
-        have = [[p["test_L1"] for p in ps if p is not None and p["test_L1"].size == n] for ps in per]
-        if len(terms) > 1 and all(have):
-            est = stats.contrast_partly_paired([(w, v, h) for w, v, h in zip(weights, vals, have)], n)
-            return est, _partly_paired(missing, len(allruns)), notes
-        est = stats.contrast_of_means([(w, v, s) for w, v, s in zip(weights, vals, ses)], n_images=n)
-        return est, _unpaired(missing, len(allruns), len(terms)), notes
-    # L_K: the most test images every run has
-    sizes = {r.path: r.per_image_sizes(k) for r in allruns}
-    common = set.intersection(*sizes.values())
-    if common:
-        n = max(common)
-        per = [[r.per_image(k, n)["test_LK"] for r in rs] for rs in runs]
-        est = stats.contrast([(w, ps) for w, ps in zip(weights, per)])
-        return est, _paired(terms), notes
-    missing = sorted(r.name for r in allruns if not sizes[r.path])
-    common = set.intersection(*[_lk_ns(r, k) for r in allruns])
-    if not common:
-        return None, "", notes + [f"no L{k} on common test images"]
-    n = max(common)
-    lks = [[best_lk(r, n) for r in rs] for rs in runs]
-    have = [[r.per_image(k, n)["test_LK"] for r in rs if n in sizes[r.path]] for rs in runs]
-    if len(terms) > 1 and all(have):
-        est = stats.contrast_partly_paired([(w, [x["value"] for x in xs], h) for w, xs, h in zip(weights, lks, have)],
-                                           n)
-        return est, _partly_paired(missing, len(allruns)), notes
-    est = stats.contrast_of_means([(w, [x["value"] for x in xs], [x["se"] for x in xs]) for w, xs in zip(weights, lks)],
-                                  n_images=n)
-    return est, _unpaired(missing, len(allruns), len(terms)), notes
-
-
-def _paired(terms) -> str:
-    return "paired per test image" if len(terms) > 1 else "mean over seeds"
-
-
-def _partly_paired(missing: list[str], n_runs: int) -> str:
-    return (f"seed means; test-image spread paired per image on the {n_runs - len(missing)} of {n_runs} runs "
-            f"with per-image values")
-
-
-def _unpaired(missing: list[str], n_runs: int, n_terms: int) -> str:
-    what = "unpaired difference of seed means" if n_terms > 1 else "mean over seeds"
-    return f"{what} ({len(missing)} of {n_runs} runs have no per-image values)"
+    notes = [n for c in cells for n in c.notes]
+    est, how = run_contrast([(w, c.runs) for (w, _), c in zip(terms, cells)], metric, k=reg.P.iw_samples)
+    return (est, how, notes) if est is not None else (None, "", notes + [how])
 
 
 def seed_contrast(reg: Registry, terms: Sequence[tuple[float, Any]], fn: Callable[[Run], float | None],
@@ -545,11 +489,9 @@ def _new_units_fraction(run: Run):
     hist = _units_history(run)
     if len(hist) < 2:
         return None
-    from .analysis import ACTIVE_UNIT_THRESHOLD as thr
-
     first = np.concatenate([np.asarray(h) for h in hist[0]])
     last = np.concatenate([np.asarray(h) for h in hist[-1]])
-    return float(((first <= thr) & (last > thr)).sum() / first.size)
+    return float(((first <= ACTIVE_UNIT_THRESHOLD) & (last > ACTIVE_UNIT_THRESHOLD)).sum() / first.size)
 
 
 def _overfit_drop(run: Run):
@@ -559,20 +501,14 @@ def _overfit_drop(run: Run):
 
 # -- evaluators: claim args -> parts -------------------------------------------------------------
 def _best_vae(reg: Registry, metric: str) -> tuple[Any, str | None]:
-    """Our best bottom-up VAE on ``metric``: mean over its complete seeds, every model on the same test images."""
-    best, best_v = None, -math.inf
-    cells = {spec: reg.cell(spec).runs for spec in reg.vae_cells()}
+    """Our best bottom-up VAE on ``metric`` (:func:`lvae.analysis.best_model`): the highest mean over its
+    complete seeds, every model's L_K on the same test images (the most that every run has)."""
+    runs = {(*spec, i): r for spec in reg.vae_cells() for i, r in enumerate(reg.cell(spec).runs)}
     n = None
-    if metric != L1:  # every model on the same test images: the most that every run has
-        common = set.intersection(*[_lk_ns(r, reg.P.iw_samples) for rs in cells.values() for r in rs] or [set()])
+    if metric != L1:
+        common = set.intersection(*[lk_counts(r, reg.P.iw_samples) - {None} for r in runs.values()] or [set()])
         n = max(common) if common else None
-    for spec, runs in cells.items():
-        if not runs:
-            continue
-        vals = [final(r, L1) if metric == L1 else (best_lk(r, n) or {}).get("value") for r in runs]
-        vals = [v for v in vals if v is not None]
-        if vals and np.mean(vals) > best_v:
-            best, best_v = spec, float(np.mean(vals))
+    best = best_model(runs, metric, _VAES, n)
     return best, None if best is None else f"our best VAE: {reg.label(best)}"
 
 
@@ -904,8 +840,6 @@ def summary_rows(by_profile: dict[str, Any]) -> list[dict[str, Any]]:
 
 def profiles_with_runs(root=None, names: Sequence[str] | None = None) -> list[str]:
     """The profiles (of ``names``, default all) with at least one complete run of theirs in the registry."""
-    from .profiles import available
-
     out = []
     for name in names or available():
         reg = Registry(name, root)
@@ -945,8 +879,6 @@ def book_evaluations(P: Profile, names: Sequence[str] = BOOK_PROFILES) -> dict[s
     chapter may read a scratch copy that holds only its own profile's runs). Read-only."""
     root = results_dir()
     roots = [root]
-    from .book import COMMITTED, repository
-
     repo = repository()
     if repo is not None and (repo / COMMITTED).is_dir() and (repo / COMMITTED).resolve() != root.resolve():
         roots.append(repo / COMMITTED)

@@ -22,7 +22,9 @@ import sys
 import typing
 from typing import Any, Sequence
 
+from .archive import export_runs, import_runs
 from .config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from .executors import EXECUTORS, JOBS_DIR, JobOptions, require_submitit, train_grid_on
 from .experiments import DEPTHS, VARIANTS, run_config
 
 _SECTIONS = (("model", ModelConfig), ("train", TrainConfig), ("eval", EvalConfig))
@@ -144,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="results directory (default: $LVAE_RESULTS or ./results)")
     t.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    x = t.add_argument_group("cluster (with --grid; needs pip install -e '.[cluster]')")
+    x.add_argument("--executor", choices=EXECUTORS, default=None,
+                   help="train each group of stacked models as its own submitit job into the registry: slurm (sbatch) "
+                        "or local (processes on this machine, all at once)")
+    x.add_argument("--slurm-partition", default=None, metavar="P", help="slurm partition (default: the cluster's)")
+    x.add_argument("--slurm-time", type=_positive_int, default=None, metavar="MIN",
+                   help=f"time limit of each job in minutes (default {JobOptions.time_min}; applies to local jobs "
+                        f"too); a job that reaches it is requeued and resumes from its checkpoints")
+    x.add_argument("--slurm-gpus", type=int, default=None, metavar="N",
+                   help="GPUs per job (default: slurm's; local: 1 when this machine has a CUDA GPU)")
+    x.add_argument("--slurm-cpus", type=_positive_int, default=None, metavar="N",
+                   help="CPU cores per job, also torch's thread count in the job")
+    x.add_argument("--slurm-mem-gb", type=float, default=None, metavar="GB", help="memory per job")
+    x.add_argument("--slurm-account", default=None, metavar="A", help="slurm account")
+    x.add_argument("--jobs-dir", default=JOBS_DIR, metavar="DIR",
+                   help=f"job scripts and logs (default ./{JOBS_DIR}; for slurm on a file system the nodes see)")
     _add_config_options(t)
 
     e = sub.add_parser("eval", help="evaluate a stored run (L1, per-unit KL, importance-weighted L_K)")
@@ -157,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("runs", help="list the run registry")
     r.add_argument("--out", default=None, help="results directory (default: $LVAE_RESULTS or ./results)")
     r.add_argument("--json", action="store_true")
+    rs = r.add_subparsers(dest="runs_command", metavar="{export,import}")
+    rx = rs.add_parser("export", help="write runs into one archive, to move them to another machine")
+    rx.add_argument("names", nargs="+", metavar="NAME", help="run directory, name or unique prefix")
+    rx.add_argument("-o", "--output", required=True, metavar="FILE", help="the archive to write (.tar; .tar.gz "
+                    "compresses it)")
+    rx.add_argument("--with-checkpoint", action="store_true",
+                    help="include checkpoint.pt (fp32 weights and Adam state, to resume training; large)")
+    rx.add_argument("--out", default=argparse.SUPPRESS, help="results directory to read (default: $LVAE_RESULTS or "
+                    "./results)")
+    ri = rs.add_parser("import", help="add the runs of an archive (lvae runs export) to the registry")
+    ri.add_argument("archive", help="the archive file")
+    ri.add_argument("--out", default=argparse.SUPPRESS, help="results directory to add them to (default: "
+                    "$LVAE_RESULTS or ./results)")
+    ri.add_argument("--allow-incomplete", action="store_true",
+                    help="also import runs that are not complete (partial, interrupted, failed)")
 
     d = sub.add_parser("data", help="download / verify a dataset into the cache ($LVAE_DATA)")
     d.add_argument("dataset", choices=("mnist", "omniglot", "norb"))
@@ -222,7 +255,7 @@ def _check_out(out: str | None, write: bool) -> None:
 def _check_sizes_fit(dataset: str, subset: int | None, test_subset: int | None, subset_opt: str,
                      test_opt: str) -> None:
     """Refuse a training or test subset larger than the dataset (read from the data cache)."""
-    from . import data as datasets
+    from . import datasets
 
     if dataset == "synthetic" or (subset is None and test_subset is None):
         return  # synthetic data are generated at the size asked for
@@ -303,7 +336,7 @@ def plan_train(ns: argparse.Namespace) -> TrainPlan:
 
 
 def _check_dataset(name: str) -> None:
-    from .data import DATASETS
+    from .datasets import DATASETS
 
     if name not in DATASETS:
         raise ConfigError(f"--dataset {name} is not valid; choose one of {', '.join(DATASETS)}")
@@ -389,8 +422,12 @@ def _eval_args(ecfg: EvalConfig | None, base: EvalConfig) -> list[str]:
 
 def _train_grid(ns: argparse.Namespace) -> int:
     from .experiments import grid
-    from .grid import profile_grid, train_grid
+    from .grid import train_grid
+    from .profiles import profile_grid
 
+    _check_cluster_options(ns)
+    if ns.executor:
+        require_submitit(ns.executor)  # before any work: the install command
     train, model, evals = _overrides(ns, "train"), _overrides(ns, "model"), _overrides(ns, "eval")
     if ns.name:
         raise ConfigError("--name names one run; drop it with --grid (grid runs are named <dataset>-<variant>-<depth>)")
@@ -419,9 +456,16 @@ def _train_grid(ns: argparse.Namespace) -> int:
     for c in cfgs:
         _check_dataset(c.train.dataset)
     _check_warmup(max(c.train.warmup_epochs for c in cfgs), epochs, source, "the warm-up variants of --grid fig3")
-    _check_device(ns.device)
+    if ns.executor != "slurm":  # a slurm job's device is its node's
+        _check_device(ns.device)
     _check_out(ns.out, write=True)
-    runs = train_grid(cfgs, epochs, ecfgs, root=ns.out, device=ns.device, progress=not ns.quiet, save_fp16=keep)
+    if ns.executor:
+        options = JobOptions(ns.slurm_partition, ns.slurm_time or JobOptions.time_min, ns.slurm_gpus, ns.slurm_cpus,
+                             ns.slurm_mem_gb, ns.slurm_account)
+        runs = train_grid_on(ns.executor, cfgs, epochs, ecfgs, root=ns.out, device=ns.device, save_fp16=keep,
+                             folder=ns.jobs_dir, options=options, log=None if ns.quiet else _stderr)
+    else:
+        runs = train_grid(cfgs, epochs, ecfgs, root=ns.out, device=ns.device, progress=not ns.quiet, save_fp16=keep)
     rows = []
     for run in runs:
         last = run.metrics()[-1] if run.metrics() else {}
@@ -432,10 +476,11 @@ def _train_grid(ns: argparse.Namespace) -> int:
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from .runs import get_or_train
+    from .engine import get_or_train
 
     if ns.grid:
         return _train_grid(ns)
+    _check_cluster_options(ns)
     plan = plan_train(ns)
     cfg, ecfg = plan.config, plan.eval_config
     _check_device(ns.device)
@@ -464,9 +509,54 @@ def _eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _check_cluster_options(ns: argparse.Namespace) -> None:
+    """--executor goes with --grid, the job options with --executor (partition and account with slurm)."""
+    given = [opt for opt, v in (("--executor", ns.executor), ("--slurm-partition", ns.slurm_partition),
+                                ("--slurm-account", ns.slurm_account), ("--slurm-time", ns.slurm_time),
+                                ("--slurm-gpus", ns.slurm_gpus), ("--slurm-cpus", ns.slurm_cpus),
+                                ("--slurm-mem-gb", ns.slurm_mem_gb)) if v is not None]
+    if given and not ns.grid:
+        raise ConfigError(f"{given[0]} goes with --grid fig3 (one job per group of the grid); for one run drop it")
+    if given and not ns.executor:
+        raise ConfigError(f"{given[0]} goes with --executor slurm (or local); add it, or drop {given[0]}")
+    slurm_only = [opt for opt in ("--slurm-partition", "--slurm-account") if opt in given]
+    if ns.executor == "local" and slurm_only:
+        raise ConfigError(f"{slurm_only[0]} goes with --executor slurm, not local")
+
+
+def _runs_export(ns: argparse.Namespace) -> int:
+    manifest = export_runs(ns.names, ns.output, root=ns.out, with_checkpoint=ns.with_checkpoint)
+    n_files = sum(len(e["files"]) for e in manifest["runs"])
+    size = sum(f["size"] for e in manifest["runs"] for f in e["files"].values())
+    print(f"wrote {ns.output}: {len(manifest['runs'])} run(s), {n_files} files, {size / 1e6:.1f} MB")
+    for e in manifest["runs"]:
+        if e["status"] != "complete":
+            print(f"note: {e['name']} is {e['status']}; importing it needs --allow-incomplete")
+    return 0
+
+
+def _runs_import(ns: argparse.Namespace) -> int:
+    _check_out(ns.out, write=True)
+    for r in import_runs(ns.archive, root=ns.out, allow_incomplete=ns.allow_incomplete):
+        state = f"{r.status}, {r.epochs} epochs"
+        if r.identical:
+            print(f"{r.name}: already in {r.path.parent} with identical files ({state}); nothing to do")
+        else:
+            print(f"imported {r.name} ({state}) into {r.path.parent}")
+    return 0
+
+
 def _runs(ns: argparse.Namespace) -> int:
     from .runs import list_runs
 
+    if ns.runs_command == "export":
+        return _runs_export(ns)
+    if ns.runs_command == "import":
+        return _runs_import(ns)
     _check_out(ns.out, write=False)
     rows = []
     for run in list_runs(ns.out):
@@ -491,7 +581,7 @@ def _runs(ns: argparse.Namespace) -> int:
 
 
 def _data(ns: argparse.Namespace) -> int:
-    from .data import load_dataset
+    from .datasets import load_dataset
 
     d = load_dataset(ns.dataset, path=ns.path)
     print(f"{ns.dataset}: {len(d.x_train)} train, {len(d.x_test)} test, x_dim {d.x_dim}, {d.likelihood}")
@@ -514,8 +604,8 @@ def _book(ns: argparse.Namespace) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data import DataError
-    from .runs import RunError
+    from .datasets import DataError
+    from .storage import RunError
 
     return RunError, DataError, FloatingPointError  # FloatingPointError: NonFiniteLossError
 

@@ -39,7 +39,7 @@ def run_config(variant: str, depth: int, *, dataset: str = "mnist", warmup_epoch
     if dataset == "norb":
         base.update(x_dim=1024, likelihood="gaussian", nonlinearity="tanh")
     elif dataset == "synthetic":
-        from .data import load_dataset
+        from .datasets import load_dataset
 
         base.update(x_dim=load_dataset("synthetic").x_dim)
     mcfg = ModelConfig.paper(depth, **{**base, **(model or {})})

@@ -1,5 +1,6 @@
 """Building blocks: the two-layer MLP ``d(y)`` (eq 10) and the Gaussian head ``mu(y), sigma^2(y)``
-(eqs 11-12), both optionally batch-normalised, plus the two observation models p(x|z_1) (eq 3).
+(eqs 11-12), both optionally batch-normalised, the two joined (:class:`GaussianMLP`), and the two
+observation models p(x|z_1) (eq 3) with their own MLP of z_1.
 
 Block order with batch norm follows the authors' code: Linear -> BN (normalise, learned scale and
 shift) -> nonlinearity. Every module accepts any number of leading dimensions (e.g. ``[K, B, d]``
@@ -104,6 +105,16 @@ class Dense(nn.Module):
         return self._activate(a, inplace=True)
 
 
+def workspace_buffer(workspace: dict, key, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A ``[rows, cols]`` tensor kept in ``workspace`` under ``key`` and reused by later calls (grown when
+    too small). Fresh CPU tensors this large are mmap-ed and page-faulted on every call (~20% of the
+    evaluation's time); on CUDA the caching allocator makes reuse merely harmless."""
+    buf = workspace.get(key)
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != like.dtype:
+        buf = workspace[key] = torch.empty(rows, cols, dtype=like.dtype, device=like.device)
+    return buf[:rows]
+
+
 class MLP(nn.Sequential):
     """d(y) = MLP(y): ``n_layers`` dense layers of width ``hidden`` (eq 10)."""
 
@@ -114,6 +125,20 @@ class MLP(nn.Sequential):
         ]
         super().__init__(*layers)
         self.d_out = hidden
+
+    def forward_into(self, h: torch.Tensor, workspace: dict) -> torch.Tensor:
+        """The MLP of 2-D ``h`` with each dense layer's output written into a buffer of ``workspace``
+        (:func:`workspace_buffer`), for evaluation loops that call it many times. Under
+        torch.inference_mode with batch norm in eval mode each layer is one GEMM with the folded
+        batch norm; otherwise (batch norm in training mode) the ordinary layer."""
+        for j, dense in enumerate(self):
+            if not dense.fast_path():
+                h = dense(h)
+                continue
+            w, b = dense.folded()
+            buf = workspace_buffer(workspace, ("mlp", j), h.shape[0], w.shape[0], h)
+            h = dense.activate_(torch.addmm(b, h, w.t(), out=buf) if b is not None else torch.mm(h, w.t(), out=buf))
+        return h
 
 
 class GaussianHead(nn.Module):
@@ -133,15 +158,34 @@ class GaussianHead(nn.Module):
             return self.mu(d), F.softplus(self.var(d)) + self.eps
 
 
-class BernoulliOutput(nn.Module):
-    """P(x|z_1) = B(x | sigmoid(Linear(d))) (eq 3); no batch norm on the output (authors' code)."""
+class GaussianMLP(nn.Module):
+    """y -> N(mu(d), var(d)) with d = MLP(y) (eqs 10-12): a prior p(z_i|z_i+1), a VAE q(z_i|z_i-1),
+    the LVAE's upward (mu_hat_i, var_hat_i) or its top-down Gaussian. Takes its two parts built:
+    the models create all MLPs before all heads, the order that fixes the random initialisation."""
 
-    def __init__(self, d_in: int, x_dim: int, cfg: ModelConfig):
+    def __init__(self, mlp: MLP, head: GaussianHead):
         super().__init__()
-        self.logits = nn.Linear(d_in, x_dim)
+        self.mlp = mlp
+        self.head = head
+
+    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.mlp(y))
+
+
+class BernoulliLikelihood(nn.Module):
+    """p(x|z_1) = B(x | sigmoid(Linear(d(z_1)))) (eq 3); no batch norm on the output layer (authors' code)."""
+
+    def __init__(self, z_dim: int, hidden: int, x_dim: int, cfg: ModelConfig):
+        super().__init__()
+        self.mlp = MLP(z_dim, hidden, cfg)
+        self.logits = nn.Linear(hidden, x_dim)
         glorot_normal_(self.logits, 1.0)
 
-    def params(self, d: torch.Tensor) -> dict[str, torch.Tensor]:
+    def params(self, z1: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parameters of p(x|z_1): ``{"logits": ...}``."""
+        return self.head(self.mlp(z1))
+
+    def head(self, d: torch.Tensor) -> dict[str, torch.Tensor]:
         d = _full_precision_input(d)
         with _no_autocast(d):  # bf16 mode: the output layer stays fp32 (bf16 logits cost ~1 nat)
             return {"logits": self.logits(d)}
@@ -154,20 +198,42 @@ class BernoulliOutput(nn.Module):
     def mean(params: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.sigmoid(params["logits"])
 
+    def add_log_prob(self, lw: torch.Tensor, x: torch.Tensor, z1: torch.Tensor, workspace: dict) -> torch.Tensor:
+        """``lw`` + log p(x|z_1) ``[n, B]`` for ``z1`` ``[n, B, d]`` and ``x`` ``[B, x_dim]``: the
+        evaluation loop's form (torch.inference_mode), same math as ``lw + log_prob(x, params(z1))``.
+        log p(x|z_1) = x.l - sum softplus(l) with x.l = h.(W^T x) + b.x, so the ``[n, B, x_dim]``
+        logits are read once and x is never expanded; the activations and logits go into buffers of
+        ``workspace`` reused over the calls (:func:`workspace_buffer`)."""
+        n = z1.shape[0]
+        h = self.mlp.forward_into(z1.reshape(-1, z1.shape[-1]), workspace)
+        w, b = self.logits.weight, self.logits.bias
+        logits = torch.addmm(b, h, w.t(), out=workspace_buffer(workspace, "logits", h.shape[0], w.shape[0], h))
+        sp = torch.ops.aten.softplus.out(logits, 1, 20, out=logits).sum(-1).view(n, -1)  # in place
+        h = h.view(n, -1, h.shape[-1])
+        prod = workspace_buffer(workspace, "prod", h.shape[0] * h.shape[1], h.shape[2], h).view(h.shape)
+        xl = torch.mul(h, x @ w, out=prod).sum(-1) + x @ b  # sum_j x_j l_j without touching the logits
+        return lw + xl - sp
 
-class GaussianOutput(nn.Module):
-    """p(x|z_1) = N(x | Linear(d), Softplus(Linear(d)) + eps) (eq 3, NORB); no batch norm."""
 
-    def __init__(self, d_in: int, x_dim: int, cfg: ModelConfig):
+class GaussianLikelihood(nn.Module):
+    """p(x|z_1) = N(x | Linear(d(z_1)), Softplus(Linear(d(z_1))) + eps) (eq 3, NORB); no batch norm
+    on the output layer."""
+
+    def __init__(self, z_dim: int, hidden: int, x_dim: int, cfg: ModelConfig):
         super().__init__()
-        self.mu = nn.Linear(d_in, x_dim)
-        self.var = nn.Linear(d_in, x_dim)
+        self.mlp = MLP(z_dim, hidden, cfg)
+        self.mu = nn.Linear(hidden, x_dim)
+        self.var = nn.Linear(hidden, x_dim)
         glorot_normal_(self.mu, 1.0)
         glorot_normal_(self.var, 1.0)
         nn.init.constant_(self.var.bias, 1.0)
         self.eps = cfg.var_eps
 
-    def params(self, d: torch.Tensor) -> dict[str, torch.Tensor]:
+    def params(self, z1: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The parameters of p(x|z_1): ``{"mu": ..., "var": ...}``."""
+        return self.head(self.mlp(z1))
+
+    def head(self, d: torch.Tensor) -> dict[str, torch.Tensor]:
         d = _full_precision_input(d)
         with _no_autocast(d):
             return {"mu": self.mu(d), "var": F.softplus(self.var(d)) + self.eps}
@@ -180,5 +246,11 @@ class GaussianOutput(nn.Module):
     def mean(params: dict[str, torch.Tensor]) -> torch.Tensor:
         return params["mu"]
 
+    def add_log_prob(self, lw: torch.Tensor, x: torch.Tensor, z1: torch.Tensor, workspace: dict) -> torch.Tensor:
+        """``lw`` + log p(x|z_1) ``[n, B]`` for ``z1`` ``[n, B, d]``, the MLP's activations in buffers
+        of ``workspace`` (see :meth:`BernoulliLikelihood.add_log_prob`)."""
+        h = self.mlp.forward_into(z1.reshape(-1, z1.shape[-1]), workspace)
+        return lw + self.log_prob(x, self.head(h.view(*z1.shape[:-1], h.shape[-1])))
 
-OUTPUTS = {"bernoulli": BernoulliOutput, "gaussian": GaussianOutput}
+
+LIKELIHOODS = {"bernoulli": BernoulliLikelihood, "gaussian": GaussianLikelihood}

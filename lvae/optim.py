@@ -11,6 +11,10 @@ per-tensor norms of ``clip_grad_norm_``, which are kept so the total norm rounds
 Autograd accumulates into the existing ``p.grad`` views, so :meth:`FlatAdam.zero_grad` zeroes the
 buffer instead of dropping the gradients. ``state_dict()`` / ``load_state_dict()`` keep the
 per-parameter layout of ``torch.optim.Adam``: checkpoints written by either load into the other.
+
+``capturable=True`` (for a step captured as a CUDA graph, :mod:`lvae.engine`): the step counter and
+the learning rate are tensors on the device, updated in place (:meth:`FlatAdam.set_lr`), so a
+replayed graph reads the current values; PyTorch allows it on CUDA (and other accelerators) only.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ class FlatAdam(torch.optim.Adam):
     The model must not be moved (``.to()``) after the optimizer is built: its parameters are views.
     """
 
-    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, fused: bool = False):
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, fused: bool = False,
+                 capturable: bool = False):
         params = list(params)
         if not params or len({(p.dtype, p.device) for p in params}) != 1:
             raise ValueError("FlatAdam needs a non-empty list of parameters of one dtype on one device")
@@ -45,7 +50,10 @@ class FlatAdam(torch.optim.Adam):
         self._flat_param.grad = torch.zeros_like(self._flat)
         for p, g in zip(params, self._views(self._flat_param.grad)):
             p.grad = g
-        self._inner = torch.optim.Adam([self._flat_param], lr=lr, betas=betas, eps=eps, **kind)
+        self.capturable = capturable
+        inner_kind = {**kind, "capturable": True} if capturable and not fused else kind
+        inner_lr = torch.tensor(float(lr), device=like.device) if capturable else lr
+        self._inner = torch.optim.Adam([self._flat_param], lr=inner_lr, betas=betas, eps=eps, **inner_kind)
         self.adopt_state()
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -75,7 +83,7 @@ class FlatAdam(torch.optim.Adam):
                 vv.copy_(s["exp_avg_sq"])
         else:
             step, m, v = torch.tensor(0.0), torch.zeros_like(flat), torch.zeros_like(flat)
-        if self.defaults["fused"]:
+        if self.defaults["fused"] or self.capturable:
             step = step.to(flat.device)
         self._inner.state[self._flat_param] = {"step": step, "exp_avg": m, "exp_avg_sq": v}
         for p, mv, vv in zip(self._params, self._views(m), self._views(v)):
@@ -91,6 +99,20 @@ class FlatAdam(torch.optim.Adam):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self.adopt_state()
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate (in place on the device tensor when capturable: no new graph)."""
+        self.param_groups[0]["lr"] = lr
+        inner = self._inner.param_groups[0]
+        if self.capturable:
+            inner["lr"].fill_(lr)
+        else:
+            inner["lr"] = lr
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step changes: flat parameters, flat gradient, moments, step counter."""
+        st = self._inner.state[self._flat_param]
+        return [self._flat, self._flat_param.grad, st["exp_avg"], st["exp_avg_sq"], st["step"]]
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 -- the views must stay
         self._flat_param.grad.zero_()
@@ -112,6 +134,6 @@ class FlatAdam(torch.optim.Adam):
             raise ValueError("FlatAdam.step takes no closure")
         group = self.param_groups[0]
         inner = self._inner.param_groups[0]
-        for key in ("lr", "betas", "eps"):  # the training loop sets the lr of the outer groups
-            inner[key] = group[key]
+        for key in ("betas", "eps") if self.capturable else ("lr", "betas", "eps"):
+            inner[key] = group[key]  # a capturable lr is a device tensor that only set_lr changes
         self._inner.step()

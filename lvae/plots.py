@@ -14,6 +14,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from .experiments import VARIANTS
+from .warmup import warmup_beta
 
 STYLE = {
     "vae": {"color": "#7f7f7f", "marker": "o"},
@@ -151,15 +152,17 @@ def kl_lines(epochs: np.ndarray, layers: list[np.ndarray], title: str = "", floo
 
 
 def layer_kl_bars(splits: dict[str, Sequence[float]]) -> Figure:
-    """The test KL split layer-wise (paper Fig 5): one stacked bar per model."""
+    """The test KL split layer-wise (paper Fig 5): one stacked bar per variant, ``splits``: {variant:
+    KL per layer} (e.g. ``layers`` of :func:`lvae.analysis.layer_kl`)."""
     fig, ax = plt.subplots(figsize=(1.6 * len(splits) + 2.5, 3.4))
-    names = list(splits)
+    variants = list(splits)
     depth = max(len(v) for v in splits.values())
     cmap = plt.get_cmap("viridis", depth)
-    bottom = np.zeros(len(names))
+    bottom = np.zeros(len(variants))
     for i in range(depth):
-        vals = np.array([splits[n][i] if i < len(splits[n]) else 0.0 for n in names])
-        ax.bar(names, vals, bottom=bottom, color=cmap(i), label=f"z{i + 1}", edgecolor="white", lw=0.5)
+        vals = np.array([splits[v][i] if i < len(splits[v]) else 0.0 for v in variants])
+        ax.bar([label(v) for v in variants], vals, bottom=bottom, color=cmap(i), label=f"z{i + 1}",
+               edgecolor="white", lw=0.5)
         bottom += vals
     ax.set_ylabel("KL(q‖p) on the test set [nats]")
     ax.legend(fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
@@ -294,8 +297,6 @@ def to_png(fig: Figure, dpi: int = 80) -> bytes:
 
 def beta_schedule(epochs: int, warmup_epochs: int) -> Figure:
     """The warm-up weight beta per epoch (eq 20), with and without warm-up."""
-    from .warmup import warmup_beta
-
     e = np.arange(epochs)
     fig, ax = plt.subplots(figsize=(4.5, 2.2))
     ax.step(e + 1, [warmup_beta(i, warmup_epochs) for i in e], where="post", color=STYLE["vae_bn_wu"]["color"],

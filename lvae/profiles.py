@@ -1,26 +1,35 @@
 """Execution profiles: the budgets (``smoke``, ``cpu``, ``paper``) that the book's chapters run with.
 
-A profile names a dataset, the depths and variants of the Fig 3 grid, epochs, warm-up, seeds and
-the evaluation budget. :func:`experiment` turns a profile + variant + depth into the exact
-:class:`~lvae.config.RunConfig` and :class:`~lvae.config.EvalConfig`, and :func:`get_run` returns
-it from the registry (training it only when it is missing).
+A profile names a dataset, the depths and variants of the Fig 3 grid, epochs, warm-up, seeds, the
+evaluation budget and its trainer (``single``: a chapter trains a missing run by itself; ``grid``:
+every missing model of the grid at once, stacked, with :func:`lvae.grid.train_grid`).
+:func:`experiment` turns a profile + variant + depth into the exact :class:`~lvae.config.RunConfig`
+and :class:`~lvae.config.EvalConfig`, and :func:`get_run` returns it from the registry (training it
+only when it is missing).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import torch
 import yaml
 
 from .config import ConfigError, EvalConfig, RunConfig
+from .engine import get_or_train
 from .experiments import FIG3_VARIANTS, VARIANTS, run_config
+from .grid import train_grid
+from .runs import Run, results_dir
+from .train import NonFiniteLossError
 
 PROFILE_FILE_ENV = "LVAE_PROFILES"
 _KEYS = {"description", "dataset", "subset", "epochs", "warmup_epochs", "depths", "variants", "seeds",
-         "eval_every", "eval_train_subset", "test_subset", "iw_samples", "iw_every", "iw_subset", "keep_weights", "train"}
+         "eval_every", "eval_train_subset", "test_subset", "iw_samples", "iw_every", "iw_subset", "keep_weights", "train", "trainer"}
+TRAINERS = ("single", "grid")  # how grid_runs trains the missing runs: one by one, or stacked (lvae.grid)
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class Profile:
     iw_subset: int | None
     keep_weights: tuple[str, ...]
     train: tuple[tuple[str, Any], ...] = ()  # TrainConfig overrides, e.g. (("precision", "bf16"),)
+    trainer: str = "single"  # one of TRAINERS
 
     @property
     def max_depth(self) -> int:
@@ -77,6 +87,8 @@ def load_profile(name: str) -> Profile:
     bad = [v for v in raw.get("variants", ()) if v not in VARIANTS]
     if bad:
         raise ConfigError(f"profile {name!r}: unknown variants {bad}; choose from {sorted(VARIANTS)}")
+    if raw.get("trainer", "single") not in TRAINERS:
+        raise ConfigError(f"profile {name!r}: trainer {raw['trainer']!r} is not one of {list(TRAINERS)}")
     return Profile(
         name=name, description=raw.get("description", ""), dataset=raw.get("dataset", "mnist"),
         subset=raw.get("subset"), epochs=int(raw["epochs"]), warmup_epochs=int(raw.get("warmup_epochs", 0)),
@@ -85,7 +97,7 @@ def load_profile(name: str) -> Profile:
         eval_train_subset=raw.get("eval_train_subset"), test_subset=raw.get("test_subset"),
         iw_samples=int(raw.get("iw_samples", 5000)), iw_every=int(raw.get("iw_every", 0)),
         iw_subset=raw.get("iw_subset"), keep_weights=tuple(raw.get("keep_weights", ())),
-        train=tuple(sorted((raw.get("train") or {}).items())),
+        train=tuple(sorted((raw.get("train") or {}).items())), trainer=raw.get("trainer", "single"),
     )
 
 
@@ -110,9 +122,6 @@ def get_run(profile: Profile | str, variant: str, depth: int, seed: int | None =
     A run that fails (NaN/inf) is returned with status ``failed`` rather than raising, so that a
     chapter shows it as failed (see :func:`lvae.analysis.final`) instead of stopping the book.
     """
-    from .runs import Run, get_or_train, results_dir
-    from .train import NonFiniteLossError
-
     p = load_profile(profile) if isinstance(profile, str) else profile
     cfg, ecfg = experiment(p, variant, depth, seed, **train_overrides)
     keep = variant in p.keep_weights and depth == p.max_depth and (seed is None or seed == p.seeds[0])
@@ -126,8 +135,6 @@ def find_run(profile: Profile | str, variant: str, depth: int, seed: int,
              root: str | os.PathLike | None = None):
     """The registry's run of one model of ``profile``, never training it: None when it was never
     started (a partial or failed run is returned as it is, to be shown as such)."""
-    from .runs import Run, results_dir
-
     cfg, _ = experiment(profile, variant, depth, seed)
     path = results_dir(root) / cfg.dir_name
     return Run(path) if (path / "config.json").exists() else None
@@ -154,9 +161,33 @@ def grid_runs(profile: Profile | str, *, progress: bool = True, root: str | os.P
     (all of ``seeds`` with ``train_all``); a further seed's missing run is None."""
     p = load_profile(profile) if isinstance(profile, str) else profile
     seeds = seeds or p.seeds
-    if p.name == "paper":  # the paper's budget: train every missing model at once with the grid trainer
-        from .grid import train_profile
-
-        train_profile(p, seeds if train_all else seeds[:1], root=root, progress=progress)
+    if p.trainer == "grid":  # train every missing model at once, stacked; a failed one shows as failed below
+        with contextlib.suppress(NonFiniteLossError):
+            train_profile(p, seeds if train_all else seeds[:1], root=root, progress=progress)
     return {(v, d, s): get_run(p, v, d, s, progress=progress, root=root) if s == p.seeds[0] or train_all
             else find_run(p, v, d, s, root) for s in seeds for v in p.variants for d in p.depths}
+
+
+def profile_grid(profile: Profile | str, seeds: Sequence[int] | None = None, **train_overrides: Any):
+    """(configs, eval configs, keep-fp16 flags, epochs) of a profile's whole Fig-3 grid (every seed),
+    exactly the runs that :func:`get_run` would train one by one."""
+    p = load_profile(profile) if isinstance(profile, str) else profile
+    cfgs, ecfgs, keep = [], [], []
+    for s in (seeds or p.seeds):
+        for v in p.variants:
+            for d in p.depths:
+                c, e = experiment(p, v, d, s, **train_overrides)
+                cfgs.append(c)
+                ecfgs.append(e)
+                keep.append(v in p.keep_weights and d == p.max_depth)
+    return cfgs, ecfgs, keep, p.epochs
+
+
+def train_profile(profile: Profile | str, seeds: Sequence[int] | None = None, *,
+                  root: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                  progress: bool = True, compile: bool = False, **train_overrides: Any) -> list[Run]:
+    """Train a profile's whole grid (e.g. ``paper``: 20 models x 3 seeds) with the grid trainer
+    (:func:`lvae.grid.train_grid`); the runs land in the registry where :func:`get_run` finds them."""
+    cfgs, ecfgs, keep, epochs = profile_grid(profile, seeds, **train_overrides)
+    return train_grid(cfgs, epochs, ecfgs, root=root, device=device, progress=progress, save_fp16=keep,
+                      compile=compile)

@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any
 
 from .config import ConfigError, EvalConfig, ModelConfig, TrainConfig
+from .profiles import available, load_profile
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
 
@@ -172,8 +173,6 @@ def _step(train: dict[str, Any]) -> str:
 def budget_rows(profiles: tuple[str, ...] = ("cpu", "cpu-long", "paper")) -> list[dict[str, Any]]:
     """The paper's budget next to each profile's, one row per budget item (profiles not defined in
     lvae/profiles.yml are left out)."""
-    from .profiles import available, load_profile
-
     ps = [load_profile(name) for name in profiles if name in available()]
     b = PAPER_BUDGET
     items = {

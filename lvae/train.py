@@ -1,4 +1,5 @@
-"""Training and evaluation (paper section 3; book/protocol.md, "Optimisation" and "Evaluation").
+"""The training step and evaluation (paper section 3; book/protocol.md, "Optimisation" and "Evaluation");
+the epoch loop is :mod:`lvae.engine`.
 
 Adam (beta1 0.9, beta2 0.999, eps 1e-4), batch 256, gradients rescaled to total norm <= 4 then
 clipped elementwise to +-0.9, warm-up beta linear 0 -> 1 over N_t epochs, optional finetuning
@@ -15,7 +16,6 @@ import math
 import time
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,11 +23,10 @@ from torch import nn
 
 from . import data as datasets
 from .bounds import elbo, iw_bound_batched, kl_per_unit, training_bound
-from .config import EvalConfig, TrainConfig
+from .config import ConfigError, EvalConfig, TrainConfig
 from .gaussian import NoiseReplay
 from .models import HierarchicalVAE, draw_noise
 from .optim import FlatAdam
-from .warmup import warmup_beta
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # nats: a unit whose average KL exceeds this is "active"
 
@@ -133,11 +132,13 @@ class Objective(nn.Module):
                                check=False).mean()
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> FlatAdam:
+def make_optimizer(model: nn.Module, cfg: TrainConfig, capturable: bool = False) -> FlatAdam:
     """Adam (book/protocol.md, "Optimisation") over one flat buffer (:mod:`lvae.optim`): by default bitwise the
     numbers of ``torch.optim.Adam``; the opt-in bf16 and compile modes, whose rounding differs
-    anyway, use the fused kernel and a one-reduction gradient norm."""
-    return FlatAdam(model.parameters(), cfg.lr, cfg.adam_betas, cfg.adam_eps, fused=fused_adam(cfg))
+    anyway, use the fused kernel and a one-reduction gradient norm. ``capturable``: step counter and
+    learning rate on the device, for a step captured as a CUDA graph (:mod:`lvae.engine`)."""
+    return FlatAdam(model.parameters(), cfg.lr, cfg.adam_betas, cfg.adam_eps, fused=fused_adam(cfg),
+                    capturable=capturable)
 
 
 def fused_adam(cfg: TrainConfig) -> bool:
@@ -167,10 +168,66 @@ def clip_gradients(params: list[torch.Tensor] | torch.optim.Optimizer, cfg: Trai
 
 
 def autocast(cfg: TrainConfig, device: torch.device | str):
-    """The training step's precision context: bf16 autocast (``cfg.precision == "bf16"``) or none."""
+    """The training step's precision context: bf16 autocast (``cfg.precision == "bf16"``) or none.
+    On CUDA the cast cache is off, as a step captured in a CUDA graph needs."""
     if cfg.precision == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        kind = torch.device(device).type
+        return torch.autocast(kind, dtype=torch.bfloat16, cache_enabled=kind != "cuda")
     return contextlib.nullcontext()
+
+
+class PrecisionError(ConfigError):
+    """The requested precision has no fast hardware path here; the message names the fp32 option."""
+
+
+_BF16_FAST: dict[str, tuple[bool, str]] = {}  # device type -> (fast, reason), probed once per process
+
+
+def bf16_matmul(device: torch.device | str) -> tuple[bool, str]:
+    """Whether ``device`` multiplies bf16 matrices faster than fp32, and the evidence in words.
+
+    CUDA: bf16 tensor cores (compute capability >= 8.0). CPU: a probe, once per process, that times
+    a 512 x 512 matmul in bf16 and in fp32 (best of 5); without AVX512-BF16 or AMX the bf16 one is
+    emulated and slower."""
+    dev = torch.device(device)
+    if dev.type in _BF16_FAST:
+        return _BF16_FAST[dev.type]
+    if dev.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(dev)
+        fast = major >= 8
+        out = (fast, f"{torch.cuda.get_device_name(dev)} has compute capability {major}.{minor}"
+                     f"{'' if fast else ' (bf16 tensor cores need 8.0 or newer)'}")
+    elif dev.type == "cpu":
+        a = torch.rand(512, 512)
+        times = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            x = a.to(dtype)
+            x @ x
+            best = math.inf
+            for _ in range(5):
+                t0 = time.perf_counter()
+                x @ x
+                best = min(best, time.perf_counter() - t0)
+            times[dtype] = best
+        fast = times[torch.bfloat16] < times[torch.float32]
+        out = (fast, f"a 512 x 512 matmul took {1e3 * times[torch.bfloat16]:.2f} ms in bf16 and "
+                     f"{1e3 * times[torch.float32]:.2f} ms in fp32 on this CPU "
+                     f"({torch.backends.cpu.get_cpu_capability()})")
+    else:
+        out = (False, f"no bf16 probe for device type {dev.type!r}")
+    _BF16_FAST[dev.type] = out
+    return out
+
+
+def check_precision(cfg: TrainConfig, device: torch.device | str) -> None:
+    """Refuse ``precision="bf16"`` where bf16 matmuls are not faster than fp32 (:func:`bf16_matmul`):
+    there it is only slower and less exact. Raises :class:`PrecisionError` naming the fp32 option."""
+    if cfg.precision != "bf16":
+        return
+    fast, why = bf16_matmul(device)
+    if not fast:
+        raise PrecisionError(f"precision='bf16' needs fast bf16 matrix multiplication, which this hardware lacks: "
+                             f"{why}. Train in fp32 instead (--precision fp32; TrainConfig(precision='fp32')).")
 
 
 _COMPILED: OrderedDict[tuple, tuple[weakref.ref, Callable]] = OrderedDict()  # -> compiled Objective
@@ -190,61 +247,31 @@ def compiled_objective(model: HierarchicalVAE, cfg: TrainConfig) -> Callable:
     return fn
 
 
-def train_step(model: HierarchicalVAE, optimizer: torch.optim.Optimizer, x: torch.Tensor, beta: float,
-               cfg: TrainConfig, noise: torch.Generator | None) -> torch.Tensor:
-    """One minibatch step: -bound, backward, clipping, Adam. Returns the loss (no host sync).
-
-    ``cfg.compile``: the loss of full-size batches runs through :func:`compiled_objective` with the
-    noise drawn beforehand from ``noise`` (the same draws, in the same order, as the eager step);
-    a smaller last batch runs eagerly rather than compiling a second graph.
-    """
+def objective_step(loss: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor, beta: torch.Tensor,
+                   eps: list[torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+    """One minibatch step of one model with pre-drawn noise: ``loss(x, beta, eps)`` (an
+    :class:`Objective`, or its compiled form), backward, clipping, Adam. Returns the loss (no host
+    sync). Static shapes and no random-number generator: the step a CUDA graph captures."""
     with autocast(cfg, x.device):
-        if cfg.compile and len(x) == cfg.batch_size:
-            eps = draw_noise(model.config, cfg.eq_samples * cfg.iw_samples, len(x), noise, x.device, x.dtype)
-            loss = compiled_objective(model, cfg)(x, torch.tensor(float(beta), device=x.device), eps)
-        else:
-            loss = -training_bound(model, x, beta, cfg.eq_samples, cfg.iw_samples, cfg.analytic_kl, noise,
-                                   check=False).mean()  # the data were checked when loaded: no host sync
+        value = loss(x, beta, eps)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    value.backward()
     clip_gradients(optimizer, cfg)
     optimizer.step()
-    return loss.detach()
+    return value.detach()
 
 
-@dataclass
-class EpochResult:
-    epoch: int  # 0-based index of the epoch just trained
-    beta: float
-    lr: float
-    train_loss: float  # mean of -bound over the epoch's minibatches (nats)
-    seconds: float
+def train_step(model: HierarchicalVAE, optimizer: torch.optim.Optimizer, x: torch.Tensor, beta: float,
+               cfg: TrainConfig, noise: torch.Generator | None) -> torch.Tensor:
+    """One minibatch step with the noise drawn from ``noise`` (:func:`lvae.models.draw_noise`, the
+    draws a pass would make, in its order): :func:`objective_step`. Returns the loss (no host sync).
 
-
-def train_epoch(model: HierarchicalVAE, optimizer: torch.optim.Optimizer, data: datasets.ImageData,
-                epoch: int, cfg: TrainConfig, device: torch.device, progress=None) -> EpochResult:
-    """One pass over the (re-binarised, shuffled) training set. Raises NonFiniteLossError."""
-    t0 = time.perf_counter()
-    model.train()
-    beta = warmup_beta(epoch, cfg.warmup_epochs)
-    lr = learning_rate(epoch, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    noise = generator(device, "noise", cfg.seed, epoch)
-    losses = []
-    for x in datasets.train_batches(data, epoch, cfg.seed, cfg.batch_size):
-        losses.append(train_step(model, optimizer, x.to(device, non_blocking=True), beta, cfg, noise))
-        if progress is not None:
-            progress.update(1)
-    losses = torch.stack(losses)  # one host sync per epoch, not per step
-    finite = torch.isfinite(losses)
-    if not bool(finite.all()):
-        step = int((~finite).nonzero()[0])
-        raise NonFiniteLossError(
-            f"non-finite loss ({losses[step].item()}) at epoch {epoch + 1}, step {step + 1}; "
-            f"lower the learning rate (lr={lr}; --lr on the command line) or check the data."
-        )
-    return EpochResult(epoch, beta, lr, float(losses.mean()), time.perf_counter() - t0)
+    ``cfg.compile``: full-size batches run through :func:`compiled_objective`; a smaller last batch
+    runs eagerly rather than compiling a second graph.
+    """
+    eps = draw_noise(model.config, cfg.eq_samples * cfg.iw_samples, len(x), noise, x.device, x.dtype)
+    loss = compiled_objective(model, cfg) if cfg.compile and len(x) == cfg.batch_size else Objective(model, cfg)
+    return objective_step(loss, optimizer, x, torch.tensor(float(beta), device=x.device), eps, cfg)
 
 
 @torch.no_grad()

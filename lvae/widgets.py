@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import analysis, plots
+from . import analysis, plots, probes
 
 
 @dataclass
@@ -35,7 +35,7 @@ def unit_frames(run, model, x: torch.Tensor, image_index: int = 0, max_units: in
                 steps: int = 9, label: str = "") -> list[list[UnitFrame]]:
     """Per layer, the panels of its units in order of decreasing final KL (at most ``max_units``)."""
     epochs, kl = analysis.kl_history(run)
-    means, _ = analysis.posterior_means(model, x)
+    means, _ = probes.posterior_means(model, x)
     image_shape = (28, 28) if x.shape[1] == 784 else (int(np.sqrt(x.shape[1])),) * 2
     x0 = x[image_index:image_index + 1]
     out: list[list[UnitFrame]] = []
@@ -43,8 +43,8 @@ def unit_frames(run, model, x: torch.Tensor, image_index: int = 0, max_units: in
         order = np.argsort(-lay_kl[-1])[: max_units or None]
         frames = []
         for rank, unit in enumerate(order):
-            values = analysis.traversal_values(means[layer], int(unit), steps)
-            imgs = analysis.traversal(model, x0, layer, int(unit), values).numpy()
+            values = probes.traversal_values(means[layer], int(unit), steps)
+            imgs = probes.traversal(model, x0, layer, int(unit), values).numpy()
             final = lay_kl[-1, unit]
             state = "active" if final > analysis.ACTIVE_UNIT_THRESHOLD else "inactive"
             title = (f"{label}: " if label else "") + \

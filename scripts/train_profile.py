@@ -12,7 +12,7 @@ import time
 import torch
 
 from lvae.profiles import get_run, load_profile
-from lvae.runs import RunLockedError
+from lvae.storage import RunLockedError
 
 
 def _ints(text):

@@ -56,7 +56,7 @@ def test_glue_refuses_text_that_would_print_as_a_tuple():
 
 def test_registry_rows_mark_unfinished_runs(tmp_path):
     from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
-    from lvae.runs import get_or_train
+    from lvae.engine import get_or_train
 
     assert registry_rows(tmp_path) == []
     cfg = RunConfig(name="tiny", model=ModelConfig(x_dim=64, latent_sizes=(4, 2), hidden_sizes=(16, 8)),
@@ -86,13 +86,15 @@ class SeedRun(FakeRun):
     """A complete run with final test/train L1, L5000 (training-time on ``n_iw`` images, and
     ``lvae eval`` rows) and, optionally, stored per-image values."""
 
-    def __init__(self, l1, lk=None, n_iw=500, evals=(), per_image=None, active=(3, 1), status="complete", epochs=10):
-        row = {"epoch": epochs, "train_L1": l1 + 0.5, "test_L1": l1, "test_L1_se": 0.25, "n_test": 10_000,
+    def __init__(self, l1, lk=None, n_iw=500, evals=(), per_image=None, active=(3, 1), status="complete", epochs=10,
+                 n_test=10_000):
+        row = {"epoch": epochs, "train_L1": l1 + 0.5, "test_L1": l1, "test_L1_se": 0.25, "n_test": n_test,
                "active_units": list(active), "kl_units": [[0.5] * active[0] + [0.0], [0.5] * active[1] + [0.0]]}
         if lk is not None:
             row.update(test_LK=lk, test_LK_se=1.0, iw_k=5000, n_iw=n_iw, iw_seconds=3.0)
         super().__init__([row], list(evals), epochs=epochs, ok=status == "complete")
         self.status, self.eval_config, self._per_image = status, EvalConfig(train_subset=10_000), per_image
+        self.name = f"run-{id(self)}"
         self.provenance = {"status": status, "epochs": epochs, "target_epochs": 10}
 
     def result(self, key):
@@ -160,7 +162,9 @@ def test_lk_images_takes_the_most_images_all_runs_share():
     assert analysis.lk_images([a, b, SeedRun(-98.0, lk=-91.0)]) == 500
     assert analysis.lk_images([None, SeedRun(-98.0)]) is None
     runs = {("lvae_bn_wu", 2, 0): a, ("lvae_bn_wu", 2, 1): b}
-    [row] = [r for r in analysis.table1_rows(runs, 2) if r["key"] == "t1_lvae5"]
+    rows = analysis.table1_rows(runs, 2)
+    assert tuple(rows) == analysis.TABLE1_KEYS  # keyed by the paper's key, in the table's order
+    row = rows["t1_lvae5"]
     assert row["estimate"].n_images == 10_000 and row["ours: run"] == ("LVAE+BN+WU 2-layer: L5000 (10,000 images)",)
     assert row["estimate"].value == pytest.approx(-90.45)
 
@@ -187,15 +191,42 @@ def test_difference_is_paired_when_per_image_values_exist():
     assert d2.mean == pytest.approx(d.mean) and d2.half_width > d.half_width
 
 
+def test_difference_pairs_the_runs_with_per_image_values_when_only_some_have_them():
+    rng = np.random.default_rng(1)
+    base = rng.normal(-90.0, 10.0, size=200)
+    per = [base + rng.normal(0, 0.5, 200) + (0.3 if s < 2 else 0.0) for s in range(4)]
+    l1 = [float(x.mean()) for x in per]
+    runs = {("lvae_bn_wu", 2, s): SeedRun(l1[s], per_image={"test_L1": per[s], "n": 200}, n_test=200) for s in (0, 1)}
+    runs.update({("vae_bn_wu", 2, s): SeedRun(l1[s + 2], per_image={"test_L1": per[s + 2], "n": 200}, n_test=200)
+                 for s in (0, 1)})
+    runs[("vae_bn_wu", 2, 0)]._per_image = None
+    d = analysis.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
+    assert d == stats.contrast_partly_paired([(1.0, l1[:2], per[:2]), (-1.0, l1[2:], per[3:])], 200)
+    runs[("vae_bn_wu", 2, 1)]._per_image = None  # a side without any: unpaired, from the seed means and their s.e.
+    d2 = analysis.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
+    assert d2 == stats.contrast_of_means([(1.0, l1[:2], [0.25, 0.25]), (-1.0, l1[2:], [0.25, 0.25])], n_images=200)
+    assert d2.half_width > d.half_width
+
+
 def test_active_unit_counts_take_recomputed_kl_by_key():
     runs = {("vae", 2, s): SeedRun(-99.0, active=(3, 1)) for s in range(3)}
     counts = analysis.active_unit_counts(runs, ["vae"], 2)
-    assert [c.value for c in counts["vae"]] == [3, 1, 4]
+    assert {layer: c.value for layer, c in counts["vae"].items()} == {"z1": 3, "z2": 1, "total": 4}
     new = {("vae", 2, 1): [np.array([0.5, 0.5, 0.5, 0.5]), np.array([0.0, 0.005])]}
     counts = analysis.active_unit_counts(runs, ["vae"], 2, new)
-    assert counts["vae"][-1].values == {0: 4.0, 1: 4.0, 2: 4.0} and counts["vae"][1].values[1] == 0.0
+    assert counts["vae"]["total"].values == {0: 4.0, 1: 4.0, 2: 4.0} and counts["vae"]["z2"].values[1] == 0.0
     split = analysis.layer_kl(runs, ["vae"], 2, new)["vae"]
     assert split["recomputed"] == [1] and split["upper"].n_seeds == 3
+
+
+def test_layer_kl_bars_take_variants_and_show_their_labels():
+    import matplotlib.pyplot as plt
+
+    fig = plots.layer_kl_bars({"vae": [1.0, 0.5], "lvae_bn_wu": [1.0, 0.2, 0.1]})
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["VAE", "LVAE+BN+WU"]
+    assert len(ax.patches) == 3 * 2  # one bar segment per layer and model (a missing layer is 0)
+    plt.close(fig)
 
 
 def test_curves_vs_depth_draws_the_ci_over_seeds():
@@ -222,7 +253,7 @@ def test_budget_runs_read_finished_and_partial_runs_and_train_nothing(tmp_path, 
     import matplotlib.pyplot as plt
 
     from lvae.profiles import experiment, get_run, load_profile
-    from lvae.runs import get_or_train
+    from lvae.engine import get_or_train
 
     (tmp_path / "profiles.yml").write_text(PROFILES)
     monkeypatch.setenv("LVAE_PROFILES", str(tmp_path / "profiles.yml"))

@@ -12,7 +12,8 @@ from lvae.claims import (NOT_REPRODUCED, NOT_RUN, QUALITATIVE, REPRODUCED, UNRES
                          Criterion, combine, decide, evaluate, evaluate_claim)
 from lvae.experiments import FIG3_VARIANTS
 from lvae.profiles import experiment, load_profile
-from lvae.runs import FORMAT_VERSION, append_jsonl, atomic_write_json, results_dir, save_per_image
+from lvae.runs import FORMAT_VERSION, results_dir, save_per_image
+from lvae.storage import append_jsonl, atomic_write_json
 from lvae.stats import Estimate
 
 N_IMAGES = 200

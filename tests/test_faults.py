@@ -1,14 +1,15 @@
 """Fault injection: SIGKILL real training processes and check that the run resumes and loses nothing.
 
-Every test starts ``get_or_train`` in a subprocess, kills it (SIGKILL) at a deterministic point
-chosen with the test-only hook ``LVAE_FAULT=<point>:<n>`` (see ``lvae.runs._test_fault_hook``) or
-at a random time, resumes the run, and asserts that the final checkpoint (model, Adam state,
+Every test starts ``get_or_train`` in a subprocess (``tests/faults.py``), kills it (SIGKILL) at a
+deterministic point chosen with a fault spec of :mod:`faults` (which patches the process, not the
+product code) or at a random time, resumes the run, and asserts that the final checkpoint (model, Adam state,
 epoch), the fp16 weights and every metrics row are bit-identical to those of an uninterrupted run
 (timing fields aside), that no temp file is left behind and that no evaluation is lost or kept
 twice. Both sides run on CPU with one thread, so the comparison is exact.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -22,7 +23,8 @@ import pytest
 import torch
 
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run, get_or_train
+from lvae.engine import get_or_train
+from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run
 
 from helpers import same
 
@@ -38,36 +40,13 @@ RANDOM_EPOCHS = 12  # a longer run so that random kill times land inside trainin
 RANDOM_CONFIG = RunConfig("fault-random", CONFIG.model,
                           TrainConfig(dataset="synthetic", subset=512, batch_size=32, warmup_epochs=4))
 
-WORKER = """
-import os, signal, sys, torch
-torch.set_num_threads(1)
-if os.environ.get("TEST_KILL_IN"):  # kill inside a function of lvae.train (truly mid-step / mid-evaluation)
-    import lvae.train
-    name, n = os.environ["TEST_KILL_IN"].split(":")
-    real, calls = getattr(lvae.train, name), [0]
-    def killer(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == int(n):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-    setattr(lvae.train, name, killer)
-from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.runs import get_or_train
-cfg = RunConfig.from_dict(__import__("json").loads(sys.argv[2]))
-ecfg = EvalConfig(**__import__("json").loads(sys.argv[3]))
-get_or_train(cfg, int(sys.argv[4]), ecfg, root=sys.argv[1], progress=False)
-"""
+FAULTS = Path(__file__).resolve().parent / "faults.py"  # the worker: installs the faults, then trains
 
 
 def start_worker(root: Path, fault: str | None, config: RunConfig = CONFIG, epochs: int = EPOCHS) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("LVAE_FAULT", "LVAE_RESULTS", "TEST_KILL_IN")}
+    env = {k: v for k, v in os.environ.items() if k != "LVAE_RESULTS"}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    if fault and fault.startswith("in:"):
-        env["TEST_KILL_IN"] = fault[3:]
-    elif fault:
-        env["LVAE_FAULT"] = fault
-    import dataclasses
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(root), json.dumps(config.to_dict()),
+    return subprocess.Popen([sys.executable, str(FAULTS), fault or "", str(root), json.dumps(config.to_dict()),
                              json.dumps(dataclasses.asdict(ECONFIG)), str(epochs)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -133,16 +112,16 @@ KILL_POINTS = {
     "in:clip_gradients:13": (1, None),  # mid-step: step 13's gradients computed, the optimizer not stepped
     "in:kl_per_unit:1": (1, None),  # mid-evaluation of epoch 2 (BN statistics recomputed, L1 done)
     "in:iw_bound_batched:1": (3, None),  # mid-evaluation of epoch 4, at the importance-weighted bound
-    "step:13": (1, None),  # mid-epoch 2 (its 5th step)
-    "step:29": (3, None),  # mid-epoch 4, after an odd epoch: the pending train losses must survive
-    "eval:1": (1, None),  # epoch 2 evaluated, its row not yet written
-    "metrics:2": (1, "line:metrics.jsonl"),  # mid-append of epoch 2's metrics row: a torn last line
-    "checkpoint:2": (1, CHECKPOINT),  # epoch 2's row written, its checkpoint mid-write: the row is replayed
-    "checkpoint:3": (2, CHECKPOINT),  # mid-write of epoch 3's checkpoint (pending train losses)
-    "fp16:4": (4, WEIGHTS_FP16),  # checkpoint of epoch 4 renamed, fp16 weights mid-write
-    "provenance:3": (2, "provenance.json"),  # after epoch 2, provenance mid-write
-    "provenance:8": (6, "provenance.json"),  # everything trained, the final 'complete' mid-write
-    "config:1": (None, "config.json"),  # the very first write of a fresh run
+    "after:FlatAdam.step:13": (1, None),  # mid-epoch 2 (after its 5th step)
+    "after:FlatAdam.step:29": (3, None),  # mid-epoch 4, after an odd epoch: the pending train losses must survive
+    "after:evaluate:1": (1, None),  # epoch 2 evaluated, its row not yet written
+    "append:metrics.jsonl:1": (1, "line:metrics.jsonl"),  # mid-append of epoch 2's metrics row: a torn last line
+    "rename:checkpoint.pt:2": (1, CHECKPOINT),  # epoch 2's row written, its checkpoint mid-write: the row is replayed
+    "rename:checkpoint.pt:3": (2, CHECKPOINT),  # mid-write of epoch 3's checkpoint (pending train losses)
+    "rename:model-fp16.pt:4": (4, WEIGHTS_FP16),  # checkpoint of epoch 4 renamed, fp16 weights mid-write
+    "rename:provenance.json:3": (2, "provenance.json"),  # after epoch 2, provenance mid-write
+    "rename:provenance.json:8": (6, "provenance.json"),  # everything trained, the final 'complete' mid-write
+    "rename:config.json:1": (None, "config.json"),  # the very first write of a fresh run
 }
 
 
@@ -169,7 +148,7 @@ def test_kill_at_point_then_resume_is_bit_identical(fault, reference, tmp_path, 
 
 def test_kill_the_resuming_process_too(reference, tmp_path, one_thread):
     """Two kills in a row (the second one in the resumed process), then a clean resume in a subprocess."""
-    for fault in ("checkpoint:2", "step:10"):
+    for fault in ("rename:checkpoint.pt:2", "after:FlatAdam.step:10"):
         assert run_worker(tmp_path, fault).returncode == -signal.SIGKILL
     done = run_worker(tmp_path, None)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -182,7 +161,7 @@ def test_kill_the_resuming_process_too(reference, tmp_path, one_thread):
 APPENDER = """
 import sys, time
 from pathlib import Path
-from lvae.runs import append_jsonl
+from lvae.storage import append_jsonl
 path, writer, go = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 (go.parent / f"ready-{writer}").touch()
 while not go.exists():  # start together
@@ -197,7 +176,6 @@ def test_concurrent_appends_lose_no_row(tmp_path):
     and tear none (issue 13, finding 6: 2 x 200 rows used to leave 367)."""
     path, go, n, writers = tmp_path / "evals.jsonl", tmp_path / "go", 200, 2
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    env.pop("LVAE_FAULT", None)
     procs = [subprocess.Popen([sys.executable, "-c", APPENDER, str(path), str(w), str(go), str(n)], env=env,
                               stderr=subprocess.PIPE, text=True) for w in range(writers)]
     deadline = time.monotonic() + 120

@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from lvae import data as datasets
+from lvae import datasets
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.grid import group_configs, train_grid
 from lvae.models import noise_shapes
-from lvae.runs import get_or_train
+from lvae.engine import get_or_train
 
 EVAL = EvalConfig(every=1, iw_samples=20, iw_chunk=7, test_subset=60, train_subset=80)
 
@@ -114,3 +114,29 @@ def test_cli_train_grid(tmp_path, capsys):
     assert len(rows) == 8 and all(r["status"] == "complete" and "test_LK" in r for r in rows)
     assert {r["run"].rsplit("/", 1)[-1].rsplit("-", 1)[0] for r in rows} == {
         f"synthetic-{v}-{d}" for v in ("vae", "vae_bn", "vae_bn_wu", "lvae_bn_wu") for d in (1, 2)}
+
+
+def test_a_group_of_one_is_bitwise_the_single_run(tmp_path, data):
+    """A group of one model is trained by the single-model step: the very numbers of get_or_train."""
+    torch.set_num_threads(1)
+    cfg = GRID[-1]
+    single = get_or_train(cfg, 2, EVAL, root=tmp_path / "single", device="cpu", progress=False, data=data)
+    grid = train_grid([cfg], 2, EVAL, root=tmp_path / "grid", device="cpu", progress=False, data=data)[0]
+    wa, wb = _weights(single), _weights(grid)
+    for k, v in wa["model"].items():
+        assert torch.equal(wb["model"][k], v), k
+    drop = {"epoch_seconds", "iw_seconds"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in single.metrics()] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in grid.metrics()]
+
+
+def test_a_profile_names_its_trainer(tmp_path, monkeypatch):
+    from lvae.config import ConfigError
+    from lvae.profiles import PROFILE_FILE_ENV, load_profile
+
+    assert load_profile("paper").trainer == "grid" and load_profile("cpu").trainer == "single"
+    bad = tmp_path / "profiles.yml"
+    bad.write_text("p:\n  epochs: 1\n  trainer: stacked\n")
+    monkeypatch.setenv(PROFILE_FILE_ENV, str(bad))
+    with pytest.raises(ConfigError, match=r"trainer 'stacked' is not one of \['single', 'grid'\]"):
+        load_profile("p")

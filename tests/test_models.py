@@ -1,9 +1,18 @@
-"""Architecture, shapes and the public API of the models."""
+"""Architecture, shapes and the public API of the models; the committed weights' format."""
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import lvae
 from lvae.config import ConfigError
+from lvae.models import LadderLayer, format_1_state_dict, upgrade_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import reference  # noqa: E402  (the plain reference model keeps lvae_format 1's module layout)
 
 
 def dense(d_in, d_out, bn):
@@ -59,9 +68,143 @@ def test_generative_model_identical_for_vae_and_lvae():
 
 def test_paper_lvae5_sizes():
     m = lvae.build_model(lvae.ModelConfig())
-    assert [mlp[0].linear.out_features for mlp in m.inference.up_mlps] == [512, 256, 128, 64, 32]
-    assert [h.mu.linear.out_features for h in m.inference.up_heads] == [64, 32, 16, 8, 4]
-    assert m.inference.up_mlps[1][0].linear.in_features == 64  # upward input = mu_hat (authors' code)
+    assert all(isinstance(layer, LadderLayer) for layer in m.layers)
+    assert [layer.up.mlp[0].linear.out_features for layer in m.layers] == [512, 256, 128, 64, 32]
+    assert [layer.up.head.mu.linear.out_features for layer in m.layers] == [64, 32, 16, 8, 4]
+    assert m.layers[1].up.mlp[0].linear.in_features == 64  # upward input = mu_hat (authors' code)
+    assert m.layers[-1].prior is None and m.layers[-1].down is None  # p(z_L) = N(0, I)
+
+
+# -- lvae_format 1: committed weights and checkpoints --------------------------------------------------
+@pytest.mark.parametrize("ladder", [True, False])
+@pytest.mark.parametrize("depth", [1, 5])
+def test_parameter_order_and_keys_are_lvae_format_1(ladder, depth):
+    """named_parameters() lists lvae_format 1's keys in its order (checkpoints' optimizer states are
+    by position), here the plain reference model's, which keeps that module layout."""
+    cfg = lvae.ModelConfig.paper(depth, inference="ladder" if ladder else "bottom_up")
+    model = lvae.build_model(cfg)
+    ref = reference.RefModel(ladder=ladder, depth=depth)
+    names = [n for n, _ in model.named_parameters()]
+    assert list(format_1_state_dict(dict.fromkeys(names), ladder)) == [n for n, _ in ref.named_parameters()]
+    assert [p for _, p in model.named_parameters()] == list(model.parameters())
+    state = model.state_dict()
+    old = format_1_state_dict(state, ladder)
+    assert set(old) == set(ref.state_dict())
+    new = upgrade_state_dict(old, ladder)
+    assert list(new) == list(state) and all(new[k] is v for k, v in state.items())
+
+
+def test_same_seed_same_initial_weights_as_lvae_format_1():
+    """A seed gives the same initial weights (the modules are created in lvae_format 1's order: the
+    bitwise check against the code before the blocks was made once, outside the tests), and a state
+    dict with the old keys loads into the same tensors; unknown keys are still refused."""
+    torch.manual_seed(0)
+    model = lvae.build_model(lvae.ModelConfig.paper(3))
+    torch.manual_seed(0)
+    other = lvae.build_model(lvae.ModelConfig.paper(3))
+    for (n, a), (_, b) in zip(model.named_parameters(), other.named_parameters()):
+        assert torch.equal(a, b), n
+    loaded = lvae.build_model(lvae.ModelConfig.paper(3))
+    loaded.load_state_dict(format_1_state_dict(model.state_dict(), True))  # old keys in, same tensors
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        loaded.load_state_dict({**model.state_dict(), "generative.nothing.weight": torch.zeros(1)})
+
+
+# ELBO (generator seed 3) and L_50 (chunks of 20, seed 4) of 4 fixed random binary images under the
+# committed fp16 weights, computed by the code that trained them (before the blocks)
+COMMITTED = {
+    "mnist-lvae_bn_wu-5-f75a10fd09": ([-803.855, -736.753, -715.991, -701.649], [-740.191, -698.801, -676.172, -634.035]),
+    "mnist-vae_bn_wu-5-c9cd6df346": ([-838.514, -767.052, -764.276, -726.613], [-785.571, -705.148, -691.21, -668.951]),
+}
+
+
+@pytest.mark.parametrize("run", sorted(COMMITTED))
+def test_committed_fp16_weights_load_and_give_their_numbers(run):
+    path = ROOT / "results" / run
+    model_cfg = json.loads((path / "config.json").read_text())["run"]["model"]
+    cfg = lvae.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in model_cfg.items()})
+    state = torch.load(path / "model-fp16.pt", map_location="cpu", weights_only=True)["model"]
+    assert any(k.startswith("generative.top_down_mlps.") for k in state)  # lvae_format 1 keys
+    model = lvae.build_model(cfg)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    model.eval()
+    x = (torch.rand(4, 784, generator=torch.Generator().manual_seed(0)) < 0.2).float()
+    elbo = lvae.elbo(model, x, 1.0, True, torch.Generator().manual_seed(3))
+    l_k = lvae.iw_bound(model, x, 50, 20, torch.Generator().manual_seed(4))
+    want_elbo, want_lk = COMMITTED[run]
+    torch.testing.assert_close(elbo, torch.tensor(want_elbo), rtol=0, atol=2e-3)
+    torch.testing.assert_close(l_k, torch.tensor(want_lk), rtol=0, atol=2e-3)
+
+
+# -- latents given instead of drawn -------------------------------------------------------------------
+def _tiny(inference):
+    torch.manual_seed(0)
+    model = lvae.build_model(lvae.ModelConfig(x_dim=12, latent_sizes=(4, 3, 2), hidden_sizes=(8, 8, 8),
+                                              inference=inference)).eval()
+    return model, (torch.rand(5, 12, generator=torch.Generator().manual_seed(1)) < 0.4).float()
+
+
+@pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
+def test_given_latents_replay_a_pass_without_drawing(inference):
+    model, x = _tiny(inference)
+    with torch.no_grad():
+        p = model(x, 3, torch.Generator().manual_seed(2))
+        g = torch.Generator().manual_seed(7)
+        state = g.get_state()
+        q = model(x, 3, g, z=p.zs)
+    assert torch.equal(g.get_state(), state)  # nothing drawn
+    for a, b in zip(p.layers, q.layers):
+        for name in ("z", "mu_q", "var_q", "mu_p", "var_p"):
+            u, v = getattr(a, name), getattr(b, name)
+            assert (u is None and v is None) or torch.equal(u, v), name
+    assert torch.equal(p.log_px, q.log_px)
+
+
+@pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
+def test_a_given_latent_conditions_the_others(inference):
+    model, x = _tiny(inference)
+    z2 = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        p = model(x, 4, torch.Generator().manual_seed(2), z={1: z2})
+        means = model(x, 1, z={1: z2}, mean=True)
+    assert torch.equal(p.layers[1].z, z2.expand(4, 5, 3))
+    if inference == "ladder":  # below: q(z_1|z_2, x) given z_2, the same in every sample
+        assert torch.allclose(p.layers[0].mu_q, p.layers[0].mu_q[:1].expand_as(p.layers[0].mu_q))
+        mu_p, _ = model.layers[1].p(p.layers[2].z)  # above: z_3 drawn first, z_2's prior from it
+        assert torch.allclose(p.layers[1].mu_p, mu_p)
+    else:  # above: q(z_3|z_2) given z_2
+        mu_q, _ = model.layers[2].q(z2)
+        assert torch.allclose(p.layers[2].mu_q, mu_q.expand_as(p.layers[2].mu_q))
+    for layer in (0, 2):  # mean=True: every other z is the mean of its q
+        assert torch.equal(means.layers[layer].z, means.layers[layer].mu_q)
+    # ancestral means down from z_2: z_1 = mean of p(z_1|z_2)
+    z1 = model.generate(z2, 1, mean=True)[0]
+    assert torch.allclose(z1, model.layers[0].p(z2)[0])
+
+
+def test_given_latents_are_checked():
+    model, x = _tiny("ladder")
+    with pytest.raises(ValueError, match="layers are 0..2"):
+        model(x, 1, z={3: torch.zeros(5, 2)})
+    with pytest.raises(ValueError, match=r"layer 1 must be \[B, 3\]"):
+        model(x, 1, z={1: torch.zeros(5, 4)})
+    with pytest.raises(ValueError, match="one entry"):
+        model(x, 1, z=[None, None])
+
+
+def test_merge_records_and_fused_log_ratio():
+    """LVAE records keep the two Gaussians of the merge (eqs 17-18); the evaluation loop's fused
+    per-layer term is 2 (log p - log q)."""
+    model, x = _tiny("ladder")
+    with torch.no_grad():
+        p = model(x, 3, torch.Generator().manual_seed(2))
+    for layer in p.layers[:-1]:
+        assert torch.all(layer.var_q <= torch.minimum(layer.var_hat, layer.var_t) + 1e-7)
+        assert torch.allclose(1 / layer.var_q, 1 / layer.var_hat + 1 / layer.var_t)
+    for layer in p.layers:
+        torch.testing.assert_close(layer.log_ratio_x2(), 2 * (layer.log_p - layer.log_q))
 
 
 @pytest.mark.parametrize("inference", ["ladder", "bottom_up"])

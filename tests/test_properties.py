@@ -11,8 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import lvae
-from lvae import cli, runs
-from lvae import data as datasets
+from lvae import cli, data, datasets, runs, storage
 from lvae.config import LIKELIHOODS, ConfigError, ModelConfig, RunConfig, TrainConfig
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -104,10 +103,10 @@ def test_cli_int_lists_parse_exactly_signs_included(values):
 
 
 # -- data loaders ----------------------------------------------------------------------------------
-def bits(n: int) -> datasets.ImageData:
+def bits(n: int) -> data.ImageData:
     """Distinct 0/1 rows: binarizing is the identity and a row identifies its example."""
     x = ((torch.arange(n)[:, None] >> torch.arange(8)[None, :]) & 1).float()
-    return datasets.ImageData("bits", x, None, x.clone(), None, (2, 4), "bernoulli")
+    return data.ImageData("bits", x, None, x.clone(), None, (2, 4), "bernoulli")
 
 
 def ids(batch: torch.Tensor) -> list[int]:
@@ -118,12 +117,12 @@ def ids(batch: torch.Tensor) -> list[int]:
 @given(st.integers(1, 200), st.integers(1, 64), st.integers(0, 2**32), st.integers(0, 10**4))
 def test_train_batches_cover_every_example_once_and_replay(n, batch_size, seed, epoch):
     d = bits(n)
-    batches = list(datasets.train_batches(d, epoch, seed, batch_size))
-    assert len(batches) == datasets.num_batches(n, batch_size)
+    batches = list(data.train_batches(d, epoch, seed, batch_size))
+    assert len(batches) == data.num_batches(n, batch_size)
     assert all(len(b) == batch_size for b in batches[:-1]) and 1 <= len(batches[-1]) <= batch_size
     seen = [i for b in batches for i in ids(b)]
     assert sorted(seen) == list(range(n))
-    again = list(datasets.train_batches(d, epoch, seed, batch_size))
+    again = list(data.train_batches(d, epoch, seed, batch_size))
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
 
 
@@ -137,15 +136,15 @@ def test_synthetic_loader_prefixes_and_fixed_test_binarization(subset, test_subs
     full = datasets.load_dataset("synthetic", subset=300, test_subset=100, test_seed=test_seed)
     assert torch.equal(full.x_train[:subset], d.x_train)  # a subset is a prefix
     assert torch.equal(full.x_test[:test_subset], d.x_test)  # of the same fixed binarization
-    x = datasets.epoch_train_data(d, epoch, 0)
-    assert set(x.unique().tolist()) <= {0.0, 1.0} and torch.equal(x, datasets.epoch_train_data(d, epoch, 0))
+    x = data.epoch_train_data(d, epoch, 0)
+    assert set(x.unique().tolist()) <= {0.0, 1.0} and torch.equal(x, data.epoch_train_data(d, epoch, 0))
 
 
 @FAST
 @given(st.integers(-10**6, 0))
 def test_bad_subset_sizes_are_refused(n):
     with pytest.raises(ValueError):
-        datasets.load_dataset("synthetic", subset=n) if n < 0 else datasets.num_batches(10, n)
+        datasets.load_dataset("synthetic", subset=n) if n < 0 else data.num_batches(10, n)
 
 
 # -- registry file formats -------------------------------------------------------------------------
@@ -160,7 +159,7 @@ def test_any_torn_metrics_file_reads_as_a_prefix(tmp_path_factory, rows, data):
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
     cut = data.draw(st.integers(0, len(text)))
     p.write_text(text[:cut])
-    got = runs.read_jsonl(p)
+    got = storage.read_jsonl(p)
     assert got == rows[:len(got)] and len(got) >= text[:cut].count("\n") - 1
 
 

@@ -17,14 +17,19 @@ import pytest
 import torch
 
 import lvae
-from lvae import data as datasets
-from lvae import runs
+import lvae.warmup
+from lvae import data, datasets
+from lvae import runs, storage
 from lvae.bounds import iw_bound, iw_bound_batched, kl_per_unit, training_bound
 from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.gaussian import NoiseReplay
 from lvae.models import draw_noise
 from lvae.profiles import load_profile
-from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run, RunError, get_or_train, read_jsonl
+from lvae.engine import get_or_train
+from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run
+from lvae.storage import RunError, read_jsonl
+
+import faults
 from helpers import same
 
 TIMING = {"epoch_seconds", "iw_seconds"}
@@ -63,21 +68,21 @@ def rows(run: Run) -> list[dict]:
 # -- atomic persistence ----------------------------------------------------------------------------
 def test_atomic_write_never_exposes_a_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "provenance.json"
-    runs.atomic_write_json(target, {"a": 1})
+    storage.atomic_write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == [target.name]
 
     def crash(*_):  # the process dies between the fsynced temp file and the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runs.os, "replace", crash)
+    monkeypatch.setattr(storage.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        runs.atomic_write_json(target, {"a": 2})
+        storage.atomic_write_json(target, {"a": 2})
     with pytest.raises(KeyboardInterrupt):
-        runs.atomic_torch_save(tmp_path / CHECKPOINT, {"model": {}})
+        storage.atomic_torch_save(tmp_path / CHECKPOINT, {"model": {}})
     assert json.loads(target.read_text()) == {"a": 1}  # the old version is intact
     assert not (tmp_path / CHECKPOINT).exists()
     monkeypatch.undo()
-    runs.atomic_write_json(target, {"a": 3})
+    storage.atomic_write_json(target, {"a": 3})
     assert json.loads(target.read_text()) == {"a": 3}
 
 
@@ -110,9 +115,9 @@ def strict_json(text: str):
 def test_no_file_holds_a_bare_nan(tmp_path):
     """A non-finite number is written as null: every file stays valid JSON (issue 13, finding 1)."""
     row = {"epoch": 1, "test_L1": float("nan"), "kl_units": [[0.5, float("inf")]], "iw_k": 8, "ok": True}
-    runs.append_jsonl(tmp_path / "evals.jsonl", row)
-    runs.write_jsonl(tmp_path / "metrics.jsonl", [row])
-    runs.atomic_write_json(tmp_path / "provenance.json", {"wall_seconds": float("-inf"), "epochs": 2})
+    storage.append_jsonl(tmp_path / "evals.jsonl", row)
+    storage.write_jsonl(tmp_path / "metrics.jsonl", [row])
+    storage.atomic_write_json(tmp_path / "provenance.json", {"wall_seconds": float("-inf"), "epochs": 2})
     want = {"epoch": 1, "test_L1": None, "kl_units": [[0.5, None]], "iw_k": 8, "ok": True}
     for name in ("evals.jsonl", "metrics.jsonl"):
         assert [strict_json(line) for line in (tmp_path / name).read_text().splitlines()] == [want]
@@ -131,7 +136,7 @@ def test_a_run_evaluated_on_one_image_writes_valid_json(tmp_path):
 def test_appending_cuts_off_a_torn_last_line(tmp_path):
     p = tmp_path / "evals.jsonl"
     p.write_text('{"a": 1}\n{"a": 2, "b')  # a writer killed mid-row
-    runs.append_jsonl(p, {"a": 3})
+    storage.append_jsonl(p, {"a": 3})
     assert p.read_text() == '{"a": 1}\n{"a": 3}\n'
 
 
@@ -139,7 +144,7 @@ def test_full_disk_names_the_folder_removes_the_temp_file_and_keeps_the_last_goo
     """A checkpoint write that fails with ENOSPC mid-file (issue 13, finding 4): DiskFullError naming
     disk space and the folder, no temp file left, the checkpoint of the previous epoch intact, the run
     ``failed`` (not ``interrupted``); once there is space it resumes to the same numbers."""
-    real = runs._write_all
+    real = storage._write_all
     writes = {"n": 0}
 
     def full_disk(fd, data):
@@ -150,8 +155,8 @@ def test_full_disk_names_the_folder_removes_the_temp_file_and_keeps_the_last_goo
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd, data)
 
-    monkeypatch.setattr(runs, "_write_all", full_disk)
-    with pytest.raises(runs.DiskFullError) as err:
+    monkeypatch.setattr(storage, "_write_all", full_disk)
+    with pytest.raises(storage.DiskFullError) as err:
         train(tmp_path)
     run = Run(tmp_path / CONFIG.dir_name)
     assert "no space left on the disk" in str(err.value) and str(run.path) in str(err.value)
@@ -177,7 +182,7 @@ def test_a_file_size_limit_in_a_real_process_is_a_clean_error(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
     code = ("import sys, json, torch; torch.set_num_threads(1)\n"
-            "from lvae.config import EvalConfig, RunConfig\nfrom lvae.runs import get_or_train\n"
+            "from lvae.config import EvalConfig, RunConfig\nfrom lvae.engine import get_or_train\n"
             "get_or_train(RunConfig.from_dict(json.loads(sys.argv[2])), 2, EvalConfig(**json.loads(sys.argv[3])),"
             " root=sys.argv[1], progress=False)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), json.dumps(CONFIG.to_dict()),
@@ -632,25 +637,45 @@ def test_bad_dataset_arguments_are_refused():
     with pytest.raises(ValueError, match="subset size"):
         datasets.load_dataset("synthetic", subset=0)
     with pytest.raises(ValueError, match="batch_size must be positive"):
-        next(datasets.train_batches(datasets.load_dataset("synthetic", subset=8), 0, 0, 0))
+        next(data.train_batches(datasets.load_dataset("synthetic", subset=8), 0, 0, 0))
 
 
-def test_fault_hook_fires_only_when_asked(monkeypatch):
-    from lvae import runs as registry
-    killed = []
-    monkeypatch.setattr(registry.os, "kill", lambda pid, sig: killed.append((pid, sig)))
-    monkeypatch.setattr(registry, "_fault_counts", {})
-    monkeypatch.delenv(registry.FAULT_ENV, raising=False)
-    for _ in range(5):
-        registry._test_fault_hook("checkpoint")
-    assert killed == [] and registry._fault_counts == {}  # unset: not even counted
-    monkeypatch.setenv(registry.FAULT_ENV, "eval:2, checkpoint:3")
-    for _ in range(5):
-        registry._test_fault_hook("checkpoint")
-    registry._test_fault_hook("eval")
-    assert killed == [(os.getpid(), registry.signal.SIGKILL)]
-    registry._test_fault_hook("eval")
-    assert len(killed) == 2
+class Killed(Exception):
+    """Stands in for the SIGKILL of tests/faults.py in this process."""
+
+
+def kill():
+    raise Killed
+
+
+def test_faults_fire_at_the_nth_point_only(tmp_path):
+    """The fault injection of tests/test_faults.py (tests/faults.py) stops at exactly the point asked
+    for: the n-th rename onto a file, mid-append of a row, the n-th call of a training function."""
+    real_replace, real_beta = os.replace, lvae.warmup.warmup_beta
+    undo = faults.install("rename:provenance.json:2, append:evals.jsonl:2, after:warmup_beta:3", kill)
+    try:
+        target = tmp_path / "provenance.json"
+        storage.atomic_write_json(target, {"a": 1})
+        storage.atomic_write_json(tmp_path / "config.json", {"a": 1})  # another file: not counted
+        with pytest.raises(Killed):
+            storage.atomic_write_json(target, {"a": 2})
+        assert json.loads(target.read_text()) == {"a": 1} and list(tmp_path.glob(".provenance.json.tmp-*"))
+        storage.atomic_write_json(target, {"a": 3})
+        assert json.loads(target.read_text()) == {"a": 3}
+        rows = tmp_path / "evals.jsonl"
+        storage.append_jsonl(rows, {"n": 1})
+        with pytest.raises(Killed):
+            storage.append_jsonl(rows, {"n": 2, "pad": "x" * 10})
+        text = rows.read_text()
+        assert text.startswith('{"n": 1}\n') and not text.endswith("\n")  # a torn last line
+        lvae.warmup.warmup_beta(0, 10), lvae.warmup_beta(1, 10)  # counted wherever it was imported
+        with pytest.raises(Killed):
+            lvae.warmup.warmup_beta(2, 10)
+    finally:
+        undo()
+    assert os.replace is real_replace and lvae.warmup.warmup_beta is lvae.warmup_beta is real_beta  # undone
+    with pytest.raises(ValueError, match="expected <kind>:<target>:<n>"):
+        faults.parse("checkpoint:2")
 
 
 def test_checkpoints_of_the_previous_format_still_resume(tmp_path):

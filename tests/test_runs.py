@@ -11,7 +11,8 @@ import re
 import pytest
 import torch
 
-import lvae.data
+import lvae.datasets
+import lvae.engine
 import lvae.runs
 import lvae.train
 from lvae import cli
@@ -23,11 +24,10 @@ from lvae.runs import (
     Run,
     RunFailedError,
     RunIncompleteError,
-    RunLockedError,
-    get_or_train,
     list_runs,
-    run_lock,
 )
+from lvae.engine import get_or_train
+from lvae.storage import RunLockedError, run_lock
 from lvae.train import NonFiniteLossError
 from helpers import same
 
@@ -181,7 +181,7 @@ def test_non_finite_training_stops_keeps_last_good_checkpoint_and_fails_the_run(
 # -- evaluations that are not sane (issue 13, findings 1 and 2) -------------------------------------
 def spoil_evaluation(monkeypatch, at_epoch: int, **values) -> None:
     """Make the evaluation of ``at_epoch`` return ``values`` (e.g. test_L1=nan) instead of its own."""
-    real = lvae.runs.evaluate
+    real = lvae.engine.evaluate
 
     def spoiled(model, data, cfg, ecfg, epoch, *args, **kwargs):
         out = real(model, data, cfg, ecfg, epoch, *args, **kwargs)
@@ -259,7 +259,7 @@ def test_a_failure_between_evaluations_rolls_back_to_the_last_evaluated_checkpoi
 def test_a_training_bound_that_keeps_getting_worse_fails_the_run(monkeypatch, tmp_path):
     """After warm-up the training L1 falls at three evaluations in a row, by more than a tenth of
     the trivial bound in all: the run fails at the third."""
-    real = lvae.runs.evaluate
+    real = lvae.engine.evaluate
     first = {}
 
     def worsening(model, data, cfg, ecfg, epoch, *args, **kwargs):
@@ -355,5 +355,5 @@ def test_evaluate_run_uses_every_requested_test_image_and_is_recorded(tmp_path):
     run = train(tmp_path, epochs=2, ecfg=dataclasses.replace(ECONFIG, iw_subset=16))
     assert run.metrics()[-1]["n_iw"] == 16  # training-time L_K on the profile's subset
     row = evaluate_run(run, iw_samples=8, test_subset=None, iw_chunk=4, device="cpu")
-    assert row["n_iw"] == row["n_test"] == len(lvae.data.load_dataset("synthetic").x_test)
+    assert row["n_iw"] == row["n_test"] == len(lvae.datasets.load_dataset("synthetic").x_test)
     assert run.evals()[-1]["test_LK"] == row["test_LK"]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import lvae
-from lvae import data as datasets
+from lvae import datasets
 from lvae.bounds import _log_weights, iw_bound, training_bound
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.runs import get_or_train
+from lvae.engine import get_or_train
 from lvae.optim import FlatAdam
 from lvae.train import make_optimizer, train_step
 
@@ -211,7 +211,7 @@ def test_benchmark_table_reads_bench_results(tmp_path, monkeypatch):
     """The reproduce chapter and benchmarks/table.py show bench.py's JSON; a missing file names the fix."""
     import json
 
-    from lvae.analysis import benchmark_table
+    from lvae.benchmark_tables import benchmark_table
     res = {"machine": {"cpu": "X", "cores": 2, "threads": 1, "torch": "2", "date": "d", "load_start": [0.1, 0, 0],
                        "load_end": [0.2, 0, 0]},
            "peak": {"float32": 100.0, "bfloat16": 200.0},
@@ -224,7 +224,7 @@ def test_benchmark_table_reads_bench_results(tmp_path, monkeypatch):
     assert rows[0]["time"] == "50.0 ms" and rows[0]["% of fp32 peak"] == "40%" and rows[0]["notes"] == "wall 60.0 ms"
     assert rows[1]["time"] == "2.5 s" and rows[1]["x reference"] == "0.50" and "compilation 44 s" in rows[1]["notes"]
     # the book's narrow form: one row per benchmark, a (time, ratio, % peak) cell per implementation
-    from lvae.analysis import benchmark_summary
+    from lvae.benchmark_tables import benchmark_summary
     from lvae.book import table
     speed, other = benchmark_summary(rows + [{"benchmark": "grid", "implementation": "lvae.grid (vmap)", "time": "6.8 s",
                                               "x reference": "", "GFLOP/s": "", "% of fp32 peak": "", "notes": ""}])
@@ -237,7 +237,7 @@ def test_benchmark_table_reads_bench_results(tmp_path, monkeypatch):
     res["machine"].update(git_commit="0123456789abcdef", git_dirty=False)
     (tmp_path / "r.json").write_text(json.dumps(res))
     assert ", commit 0123456;" in benchmark_table(tmp_path / "r.json")[0]
-    monkeypatch.setattr("lvae.analysis.benchmark_results_path", lambda: None)
+    monkeypatch.setattr("lvae.benchmark_tables.benchmark_results_path", lambda: None)
     with pytest.raises(FileNotFoundError, match="benchmarks/bench.py"):
         benchmark_table()
 
