@@ -1,6 +1,6 @@
 """The numbers and table rows the book's chapters show, computed from stored runs.
 
-Everything here reads the run registry read-only (:mod:`lvae.runs`, :func:`lvae.profiles.find_run`):
+Everything here reads the run registry read-only (:mod:`lvae.runs`, :func:`lvae.profile_runs.find_run`):
 metric histories, each model's numbers over its seeds (:class:`SeedMean`), differences between
 models (:func:`run_contrast`), the paper-vs-ours rows keyed by the paper's key (:func:`headline`,
 :func:`table1_rows`), active units and the layer-wise KL split (Figs 4-5), the longer budgets and
@@ -18,7 +18,8 @@ import numpy as np
 from . import paper
 from .datasets import load_dataset
 from .experiments import VARIANTS, finetune_config, run_config
-from .profiles import available, experiment, find_run, load_profile
+from .profile_runs import find_run
+from .profiles import available, experiment, load_profile
 from .runs import Run, RunFailedError, RunIncompleteError, list_runs, results_dir
 from .stats import Estimate, contrast, contrast_of_means, contrast_partly_paired, mean_ci
 from .train import ACTIVE_UNIT_THRESHOLD
@@ -114,7 +115,7 @@ Key = tuple  # (variant, depth, seed): how every run of a profile is looked up
 def profile_runs(profile, root=None, variants: Sequence[str] | None = None,
                  depths: Sequence[int] | None = None) -> dict[Key, Any]:
     """Every (variant, depth, seed) of ``profile`` (all its seeds) -> its run or None, read-only
-    (:func:`lvae.profiles.find_run`; :func:`lvae.profiles.grid_runs` trains what is missing instead)."""
+    (:func:`lvae.profile_runs.find_run`; :func:`lvae.profile_runs.grid_runs` trains what is missing instead)."""
     p = load_profile(profile) if isinstance(profile, str) else profile
     return {(v, d, s): find_run(p, v, d, s, root) for s in p.seeds for v in (variants or p.variants)
             for d in (depths or p.depths)}
@@ -261,7 +262,7 @@ def grid_estimates(runs: dict, metric: str, variants: Sequence[str] | None = Non
 
 
 def grid_table(runs: dict, metric: str) -> dict[str, dict[int, float | None]]:
-    """{variant: {depth: mean over the seeds of the final ``metric``}} from :func:`lvae.profiles.grid_runs`."""
+    """{variant: {depth: mean over the seeds of the final ``metric``}} from :func:`lvae.profile_runs.grid_runs`."""
     return {v: {d: e.value for d, e in by.items()} for v, by in grid_estimates(runs, metric).items()}
 
 

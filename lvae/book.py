@@ -65,8 +65,8 @@ OVERRIDES = {name: field for name, (field, _, _) in PARAMETERS.items()}
 # the names every chapter uses, put into its namespace by setup(): name -> (module, attribute or None)
 CHAPTER_NAMES = {"analysis": ("lvae.analysis", None), "paper": ("lvae.paper", None), "plots": ("lvae.plots", None),
                  "glue": ("lvae.book", "glue"), "table": ("lvae.book", "table"),
-                 "get_run": ("lvae.profiles", "get_run"), "grid_runs": ("lvae.profiles", "grid_runs"),
-                 "seed_runs": ("lvae.profiles", "seed_runs")}
+                 "get_run": ("lvae.profile_runs", "get_run"), "grid_runs": ("lvae.profile_runs", "grid_runs"),
+                 "seed_runs": ("lvae.profile_runs", "seed_runs")}
 # training-set sizes, to scale a committed run's epoch time to a subset (a rough time estimate only)
 _TRAIN_IMAGES = {"mnist": 60_000}
 _TEST_IMAGES = {"mnist": 10_000}
@@ -196,7 +196,7 @@ def _complete(path: Path, epochs: int):
 
 def profile_configs(P) -> list:
     """The RunConfigs a chapter may train under profile ``P``: its grid (variants x depths) for its
-    first seed. Further seeds are only read when present (:func:`lvae.profiles.grid_runs`)."""
+    first seed. Further seeds are only read when present (:func:`lvae.profile_runs.grid_runs`)."""
     return [experiment(P, v, d, s)[0] for s in P.seeds[:1] for v in P.variants for d in P.depths]
 
 

@@ -332,7 +332,7 @@ class Cell:
 
 
 class Registry:
-    """Read-only view of a profile's runs: never trains (:func:`lvae.profiles.get_run` would)."""
+    """Read-only view of a profile's runs: never trains (:func:`lvae.profile_runs.get_run` would)."""
 
     def __init__(self, profile: Profile | str, root=None, seeds: Sequence[int] | None = None):
         self.P = load_profile(profile) if isinstance(profile, str) else profile

@@ -3,7 +3,7 @@
 Every ModelConfig / TrainConfig / EvalConfig field is an option (``--latent-sizes 64,32``,
 ``--no-batch-norm``, ``--lr 1e-3``, ``--eval-every 1`` ...). ``lvae train --profile NAME`` takes the
 budget from lvae/profiles.yml: ``--profile cpu --variant V --depth D [--seed S]`` is the run
-``lvae.profiles.experiment("cpu", V, D, S)``, the one the book reads. :func:`train_command` is the
+``lvae.profiles.experiment("cpu", V, D, S)``, the one the book reads. :func:`lvae.commands.train_command` is the
 inverse: the command that makes a given run.
 
 Invalid options or values (a device this machine lacks, an --out that is a file, a subset larger
@@ -25,7 +25,18 @@ from typing import Any, Sequence
 from .archive import export_runs, import_runs
 from .config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from .executors import EXECUTORS, JOBS_DIR, JobOptions, require_submitit, train_grid_on
+from . import datasets
+from .bookbuild import BookError, build, parse_params, sync_notebooks
+from .commands import cli_value, option_name
+from .datasets import DATASETS, DataError, load_dataset
+from .engine import get_or_train
 from .experiments import DEPTHS, VARIANTS, run_config
+from .experiments import grid as named_grid
+from .grid import train_grid
+from .profiles import experiment, load_profile, profile_grid
+from .runs import CHECKPOINT, WEIGHTS_FP16, evaluate_run, list_runs, open_run, results_dir
+from .storage import RunError
+from .warmup import warmup_beta
 
 _SECTIONS = (("model", ModelConfig), ("train", TrainConfig), ("eval", EvalConfig))
 
@@ -33,31 +44,6 @@ _SECTIONS = (("model", ModelConfig), ("train", TrainConfig), ("eval", EvalConfig
 _OWNERS = {cls.__name__: section for section, cls in _SECTIONS}
 TRAIN_USAGE = ("%(prog)s [--profile NAME | --epochs N] [--variant V] [--depth N] [--seed S] [--out DIR] "
                "[config options: %(prog)s -h lists them]")
-
-
-def _opt(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def option_name(section: str, field: str) -> str:
-    """The ``lvae train`` option of config field ``field`` of ``section`` (model | train | eval)."""
-    return _opt("eval_" + field) if section == "eval" else _opt(field)
-
-
-def _cli_value(value: Any) -> str:
-    """``value`` as it is typed on the command line (the inverse of the option converters)."""
-    if value is None:
-        return "none"
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return str(value)
-
-
-def _option_args(section: str, field: str, value: Any) -> list[str]:
-    opt = option_name(section, field)
-    if isinstance(value, bool):
-        return [opt if value else "--no-" + opt[2:]]
-    return [opt, _cli_value(value)]
 
 
 def in_cli_terms(error: ConfigError) -> str:
@@ -72,7 +58,7 @@ def in_cli_terms(error: ConfigError) -> str:
         if "_" in f.name:
             reason = re.sub(rf"\b{f.name}\b", option_name(section, f.name), reason)
     reason = reason.replace(" or None", " or none")  # None is typed `none`
-    return f"{option_name(section, error.field)} {_cli_value(error.value)} {reason}"
+    return f"{option_name(section, error.field)} {cli_value(error.value)} {reason}"
 
 
 def _positive_int(text: str) -> int:
@@ -118,7 +104,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
                                    help=f"default {f.default}")
             else:
                 group.add_argument(opt, dest=dest, type=_converter(hints[f.name]), default=argparse.SUPPRESS,
-                                   metavar="V", help=f"default {_cli_value(f.default)}")
+                                   metavar="V", help=f"default {cli_value(f.default)}")
 
 
 def _overrides(ns: argparse.Namespace, section: str) -> dict[str, Any]:
@@ -239,8 +225,6 @@ def _check_device(text: str | None) -> None:
 
 def _check_out(out: str | None, write: bool) -> None:
     """The registry folder (--out) must be a folder, or creatable as one (and writable to train)."""
-    from .runs import results_dir
-
     path = results_dir(out)
     what = f"--out {out}" if out is not None else f"the results folder {path}"
     fix = "give a folder for the run registry with --out DIR (it is created if missing)"
@@ -255,8 +239,6 @@ def _check_out(out: str | None, write: bool) -> None:
 def _check_sizes_fit(dataset: str, subset: int | None, test_subset: int | None, subset_opt: str,
                      test_opt: str) -> None:
     """Refuse a training or test subset larger than the dataset (read from the data cache)."""
-    from . import datasets
-
     if dataset == "synthetic" or (subset is None and test_subset is None):
         return  # synthetic data are generated at the size asked for
     try:
@@ -285,8 +267,6 @@ class TrainPlan:
 def _profile_overrides(name: str, train: dict[str, Any]):
     """The profile ``name`` with the TrainConfig options that replace its own budget (--dataset,
     --subset), and the remaining overrides: (profile, warm-up option, seed option, other fields)."""
-    from .profiles import load_profile
-
     p = load_profile(name)
     train = dict(train)
     for key in ("dataset", "subset"):
@@ -304,8 +284,6 @@ def _with_warmup(cfg: RunConfig, warmup: int | None) -> RunConfig:
 def plan_train(ns: argparse.Namespace) -> TrainPlan:
     """The run ``lvae train`` (without --grid) trains; raises ConfigError naming the option (and
     warns on stderr about a warm-up longer than the training that the user or a profile chose)."""
-    from .profiles import experiment
-
     train, model, evals = _overrides(ns, "train"), _overrides(ns, "model"), _overrides(ns, "eval")
     if ns.depths is not None:
         raise ConfigError(f"--depths goes with --grid fig3; for one run give --depth N (now --depth {ns.depth})")
@@ -336,8 +314,6 @@ def plan_train(ns: argparse.Namespace) -> TrainPlan:
 
 
 def _check_dataset(name: str) -> None:
-    from .datasets import DATASETS
-
     if name not in DATASETS:
         raise ConfigError(f"--dataset {name} is not valid; choose one of {', '.join(DATASETS)}")
 
@@ -346,8 +322,6 @@ def _check_warmup(warmup: int, epochs: int, source: str, subject: str) -> None:
     """A warm-up longer than the training leaves beta < 1 to the end: refused for one run when it is
     the variant's paper default (a trap), a warning with the numbers when the user or a profile chose
     it, and for a grid (whose warm-up variants are half of its models)."""
-    from .warmup import warmup_beta
-
     if warmup <= 0 or epochs > warmup:
         return
     beta = warmup_beta(epochs - 1, warmup)
@@ -363,68 +337,7 @@ def _check_warmup(warmup: int, epochs: int, source: str, subject: str) -> None:
     print(f"lvae train: warning: {subject}: {numbers} ({origin}); not fully warmed up", file=sys.stderr)
 
 
-def train_command(config: RunConfig, epochs: int, eval_config: EvalConfig | None = None,
-                  out: str | os.PathLike | None = None) -> str:
-    """The ``lvae train`` command that trains exactly ``config`` (same name and run key) for
-    ``epochs`` epochs: ``--profile P --variant V --depth D [--seed S]`` when a profile of
-    lvae/profiles.yml makes this run, else the variant and depth with every differing option.
-    ``eval_config`` adds the ``--eval-*`` options that differ from the profile's (or the defaults)."""
-    import shlex
-
-    from .profiles import available, experiment, load_profile
-
-    tail = [] if out is None else ["--out", str(out)]
-    depth = config.model.n_layers
-    for name in available() if depth in DEPTHS else ():
-        try:
-            p = load_profile(name)
-        except ConfigError:
-            continue
-        seed = None if config.train.seed == p.seeds[0] else config.train.seed
-        for variant in VARIANTS:
-            try:
-                cfg, ecfg = experiment(p, variant, depth, seed)
-            except (ConfigError, TypeError, ValueError):
-                continue
-            if dataclasses.replace(cfg, name=config.name) != config:
-                continue
-            args = ["lvae", "train", "--profile", name, "--variant", variant, "--depth", str(depth)]
-            args += [] if seed is None else ["--seed", str(seed)]
-            args += [] if cfg.name == config.name else ["--name", config.name]
-            args += [] if epochs == p.epochs else ["--epochs", str(epochs)]
-            return shlex.join(args + _eval_args(eval_config, ecfg) + tail)
-    variant = min(VARIANTS, key=lambda v: (VARIANTS[v]["inference"] != config.model.inference,
-                                           VARIANTS[v]["batch_norm"] != config.model.batch_norm,
-                                           VARIANTS[v]["warmup"] != (config.train.warmup_epochs > 0)))
-    base_depth = min(depth, max(DEPTHS))
-    base = run_config(variant, base_depth, dataset=config.train.dataset)
-    args = ["lvae", "train", "--variant", variant, "--depth", str(base_depth), "--epochs", str(epochs)]
-    for section in ("model", "train"):
-        ours, theirs = getattr(config, section), getattr(base, section)
-        for f in dataclasses.fields(ours):
-            value = getattr(ours, f.name)
-            explicit_warmup = f.name == "warmup_epochs" and value > 0  # explicit: never refused as a trap
-            if f.name != "dataset" and (value != getattr(theirs, f.name) or explicit_warmup):
-                args += _option_args(section, f.name, value)
-    if config.train.dataset != "mnist":
-        args += ["--dataset", config.train.dataset]
-    if config.name != base.name:
-        args += ["--name", config.name]
-    return shlex.join(args + _eval_args(eval_config, EvalConfig()) + tail)
-
-
-def _eval_args(ecfg: EvalConfig | None, base: EvalConfig) -> list[str]:
-    if ecfg is None:
-        return []
-    return [a for f in dataclasses.fields(ecfg) if getattr(ecfg, f.name) != getattr(base, f.name)
-            for a in _option_args("eval", f.name, getattr(ecfg, f.name))]
-
-
 def _train_grid(ns: argparse.Namespace) -> int:
-    from .experiments import grid
-    from .grid import train_grid
-    from .profiles import profile_grid
-
     _check_cluster_options(ns)
     if ns.executor:
         require_submitit(ns.executor)  # before any work: the install command
@@ -450,7 +363,7 @@ def _train_grid(ns: argparse.Namespace) -> int:
         if not depths or not set(depths) <= set(DEPTHS):
             raise ConfigError(f"--depths {ns.depths} is not a list of depths {DEPTHS[0]}-{DEPTHS[-1]} (e.g. 1,2,3)")
         warmup = train.pop("warmup_epochs", None)
-        cfgs = [_with_warmup(c, warmup) for c in grid(ns.grid, depths=depths, model=model or None, **train)]
+        cfgs = [_with_warmup(c, warmup) for c in named_grid(ns.grid, depths=depths, model=model or None, **train)]
         ecfgs, keep, epochs = EvalConfig(**evals), True, ns.epochs
         source = "variant" if warmup is None else "option"
     for c in cfgs:
@@ -476,8 +389,6 @@ def _train_grid(ns: argparse.Namespace) -> int:
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from .engine import get_or_train
-
     if ns.grid:
         return _train_grid(ns)
     _check_cluster_options(ns)
@@ -496,8 +407,6 @@ def _train(ns: argparse.Namespace) -> int:
 
 
 def _eval(ns: argparse.Namespace) -> int:
-    from .runs import CHECKPOINT, WEIGHTS_FP16, evaluate_run, open_run
-
     _check_device(ns.device)
     _check_out(ns.out, write=False)
     run = open_run(ns.run, ns.out)
@@ -551,8 +460,6 @@ def _runs_import(ns: argparse.Namespace) -> int:
 
 
 def _runs(ns: argparse.Namespace) -> int:
-    from .runs import list_runs
-
     if ns.runs_command == "export":
         return _runs_export(ns)
     if ns.runs_command == "import":
@@ -581,16 +488,12 @@ def _runs(ns: argparse.Namespace) -> int:
 
 
 def _data(ns: argparse.Namespace) -> int:
-    from .datasets import load_dataset
-
     d = load_dataset(ns.dataset, path=ns.path)
     print(f"{ns.dataset}: {len(d.x_train)} train, {len(d.x_test)} test, x_dim {d.x_dim}, {d.likelihood}")
     return 0
 
 
 def _book(ns: argparse.Namespace) -> int:
-    from .bookbuild import BookError, build, parse_params, sync_notebooks
-
     if ns.sync_notebooks:
         print("updated:", ", ".join(sync_notebooks()) or "nothing (in sync)")
         return 0
@@ -604,9 +507,6 @@ def _book(ns: argparse.Namespace) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .datasets import DataError
-    from .storage import RunError
-
     return RunError, DataError, FloatingPointError  # FloatingPointError: NonFiniteLossError
 
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from .config import ConfigError, ModelConfig, RunConfig, TrainConfig
+from .datasets import load_dataset
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # label, inference, batch norm, warm-up
@@ -39,8 +40,6 @@ def run_config(variant: str, depth: int, *, dataset: str = "mnist", warmup_epoch
     if dataset == "norb":
         base.update(x_dim=1024, likelihood="gaussian", nonlinearity="tanh")
     elif dataset == "synthetic":
-        from .datasets import load_dataset
-
         base.update(x_dim=load_dataset("synthetic").x_dim)
     mcfg = ModelConfig.paper(depth, **{**base, **(model or {})})
     tcfg = TrainConfig(dataset=dataset, warmup_epochs=warmup_epochs if v["warmup"] else 0, **train)

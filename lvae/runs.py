@@ -48,6 +48,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -56,6 +57,7 @@ from typing import Any
 import torch
 
 from . import datasets
+from .commands import train_command
 from .config import ConfigError, EvalConfig, RunConfig
 from .models import HierarchicalVAE, build_model
 from .storage import (RunError, _finite_or_none, _lock_held, _now, append_jsonl, atomic_write_bytes, device_description,
@@ -296,10 +298,6 @@ class Run:
         elif fp16.exists():
             state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_checkpoint(fp16)["model"].items()}
         else:  # only the fp16 weights of a few models travel with the repository; checkpoints stay local
-            import tempfile
-
-            from .cli import train_command
-
             scratch = Path(tempfile.gettempdir()) / "lvae-retrained"  # never overwrite this run's own record
             prov = self.provenance
             epochs = self.epochs or int(prov.get("target_epochs", 0)) or 1
@@ -309,7 +307,7 @@ class Run:
             raise RunError(f"{self.path} has no weights ({CHECKPOINT} or {WEIGHTS_FP16}: the repository holds the "
                            f"fp16 weights of a few models only). Recreate them in a scratch registry with "
                            f"`{command}`{took} and use that run "
-                           f"(e.g. `lvae eval {self.name} --out {scratch}`); in Python: lvae.get_or_train("
+                           f"(e.g. `lvae eval {self.name} --out {scratch}`); in Python: lvae.engine.get_or_train("
                            f"run.config, {epochs}, run.eval_config, root={str(scratch)!r})")
         _load_state(model, state, ckpt if ckpt.exists() else fp16)
         return model.to(device).eval()

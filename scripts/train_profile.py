@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from lvae.profiles import get_run, load_profile
+from lvae.profile_runs import get_run
+from lvae.profiles import load_profile
 from lvae.storage import RunLockedError
 
 

@@ -252,7 +252,8 @@ never: {dataset: synthetic, subset: 64, epochs: 9, depths: [1], variants: [lvae_
 def test_budget_runs_read_finished_and_partial_runs_and_train_nothing(tmp_path, monkeypatch, one_thread):
     import matplotlib.pyplot as plt
 
-    from lvae.profiles import experiment, get_run, load_profile
+    from lvae.profile_runs import get_run
+    from lvae.profiles import experiment, load_profile
     from lvae.engine import get_or_train
 
     (tmp_path / "profiles.yml").write_text(PROFILES)

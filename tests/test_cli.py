@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lvae import cli
+from lvae import cli, commands
 from lvae import datasets
 from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.profiles import experiment, load_profile
@@ -317,7 +317,7 @@ def test_train_command_recreates_every_committed_run_and_custom_ones():
                        TrainConfig(dataset="synthetic", warmup_epochs=7, init_from="a b@3", seed=5)), 2, None),
     ]
     for cfg, epochs, ecfg in configs:
-        command = cli.train_command(cfg, epochs, ecfg)
+        command = commands.train_command(cfg, epochs, ecfg)
         assert command.startswith("lvae train ")
         got = cli.plan_train(cli.build_parser().parse_args(shlex.split(command)[1:]))
         assert (got.config, got.epochs) == (cfg, epochs), command

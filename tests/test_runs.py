@@ -13,6 +13,7 @@ import torch
 
 import lvae.datasets
 import lvae.engine
+import lvae.training
 import lvae.runs
 import lvae.train
 from lvae import cli
@@ -187,7 +188,7 @@ def spoil_evaluation(monkeypatch, at_epoch: int, **values) -> None:
         out = real(model, data, cfg, ecfg, epoch, *args, **kwargs)
         return {**out, **values} if epoch + 1 == at_epoch else out
 
-    monkeypatch.setattr(lvae.runs, "evaluate", spoiled)
+    monkeypatch.setattr(lvae.engine, "evaluate", spoiled)
 
 
 def strict_json(text: str):
@@ -243,7 +244,7 @@ def test_a_failure_between_evaluations_rolls_back_to_the_last_evaluated_checkpoi
     if not hard_links:
         def no_link(*_):
             raise OSError(errno.EPERM, "no hard links here")
-        monkeypatch.setattr(lvae.runs.os, "link", no_link)
+        monkeypatch.setattr(lvae.training.os, "link", no_link)
     spoil_evaluation(monkeypatch, 4, test_L1=float("nan"))
     with pytest.raises(lvae.train.DivergedError, match="epoch 4 is not sane.*keeps its checkpoint of epoch 2"):
         train(tmp_path / "bad")
@@ -267,7 +268,7 @@ def test_a_training_bound_that_keeps_getting_worse_fails_the_run(monkeypatch, tm
         first.setdefault("L1", out["train_L1"])
         return {**out, "train_L1": first["L1"] - 2.0 * epoch}  # 2 nats worse per epoch
 
-    monkeypatch.setattr(lvae.runs, "evaluate", worsening)
+    monkeypatch.setattr(lvae.engine, "evaluate", worsening)
     with pytest.raises(lvae.train.DivergedError, match=r"epoch 6 is not sane: train_L1 fell at 3 evaluations in a "
                                                        r"row after warm-up.*at epoch 3.*keeps getting worse"):
         train(tmp_path, epochs=8, ecfg=dataclasses.replace(ECONFIG, every=1))

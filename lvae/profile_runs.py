@@ -1,0 +1,81 @@
+"""The runs of a profile's grid: read from the registry, and trained when missing (one by one, or
+stacked with :func:`lvae.grid.train_grid` when the profile's ``trainer`` is ``grid``). The chapters
+get :func:`get_run`, :func:`grid_runs` and :func:`seed_runs` from :func:`lvae.book.setup`;
+:func:`find_run` never trains.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Sequence
+
+import torch
+
+from .engine import get_or_train
+from .grid import train_grid
+from .profiles import Profile, experiment, load_profile, profile_grid
+from .runs import Run, results_dir
+from .train import NonFiniteLossError
+
+
+def get_run(profile: Profile | str, variant: str, depth: int, seed: int | None = None, *,
+            progress: bool = True, root: str | os.PathLike | None = None, **train_overrides: Any):
+    """The finished run of one grid model under ``profile``, trained only if it is missing.
+
+    A run that fails (NaN/inf) is returned with status ``failed`` rather than raising, so that a
+    chapter shows it as failed (see :func:`lvae.analysis.final`) instead of stopping the book.
+    """
+    p = load_profile(profile) if isinstance(profile, str) else profile
+    cfg, ecfg = experiment(p, variant, depth, seed, **train_overrides)
+    keep = variant in p.keep_weights and depth == p.max_depth and (seed is None or seed == p.seeds[0])
+    try:
+        return get_or_train(cfg, p.epochs, ecfg, root=root, progress=progress, save_fp16=keep)
+    except NonFiniteLossError:
+        return Run(results_dir(root) / cfg.dir_name)
+
+
+def find_run(profile: Profile | str, variant: str, depth: int, seed: int,
+             root: str | os.PathLike | None = None):
+    """The registry's run of one model of ``profile``, never training it: None when it was never
+    started (a partial or failed run is returned as it is, to be shown as such)."""
+    cfg, _ = experiment(profile, variant, depth, seed)
+    path = results_dir(root) / cfg.dir_name
+    return Run(path) if (path / "config.json").exists() else None
+
+
+def seed_runs(profile: Profile | str, variant: str, depth: int, *, progress: bool = True,
+              root: str | os.PathLike | None = None, train_all: bool = False) -> dict[int, Any]:
+    """{seed: run} of one model for every seed the profile lists.
+
+    The profile's first seed is trained when missing (:func:`get_run`); the other seeds are read
+    when the registry has them and are None otherwise (``train_all``: train them too). So a
+    chapter stays as fast as one seed and shows every further seed that has been trained
+    (``lvae train --profile NAME --seed S``, or imported from another machine).
+    """
+    p = load_profile(profile) if isinstance(profile, str) else profile
+    return {s: get_run(p, variant, depth, s, progress=progress, root=root) if s == p.seeds[0] or train_all
+            else find_run(p, variant, depth, s, root) for s in p.seeds}
+
+
+def grid_runs(profile: Profile | str, *, progress: bool = True, root: str | os.PathLike | None = None,
+              seeds: tuple[int, ...] | None = None, train_all: bool = False) -> dict[tuple[str, int, int], Any]:
+    """Every run of the profile's grid, keyed by (variant, depth, seed), for ``seeds`` (default: all the
+    profile lists). As in :func:`seed_runs`, only the profile's first seed is trained when missing
+    (all of ``seeds`` with ``train_all``); a further seed's missing run is None."""
+    p = load_profile(profile) if isinstance(profile, str) else profile
+    seeds = seeds or p.seeds
+    if p.trainer == "grid":  # train every missing model at once, stacked; a failed one shows as failed below
+        with contextlib.suppress(NonFiniteLossError):
+            train_profile(p, seeds if train_all else seeds[:1], root=root, progress=progress)
+    return {(v, d, s): get_run(p, v, d, s, progress=progress, root=root) if s == p.seeds[0] or train_all
+            else find_run(p, v, d, s, root) for s in seeds for v in p.variants for d in p.depths}
+
+
+def train_profile(profile: Profile | str, seeds: Sequence[int] | None = None, *,
+                  root: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                  progress: bool = True, compile: bool = False, **train_overrides: Any) -> list[Run]:
+    """Train a profile's whole grid (e.g. ``paper``: 20 models x 3 seeds) with the grid trainer
+    (:func:`lvae.grid.train_grid`); the runs land in the registry where :func:`get_run` finds them."""
+    cfgs, ecfgs, keep, epochs = profile_grid(profile, seeds, **train_overrides)
+    return train_grid(cfgs, epochs, ecfgs, root=root, device=device, progress=progress, save_fp16=keep,
+                      compile=compile)
