@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .config import EvalConfig, RunConfig
-from .models import HierarchicalVAE, build_model
+from .models import HierarchicalVAE, build_model, format_1_state_dict
 from .runs import (_LOCKED_FILES, CHECKPOINT, FORMAT_VERSION, SANE_CHECKPOINT, WEIGHTS_FP16, Run, RunDamagedError,
                    _load_state, _with_digest, check_run_name, load_checkpoint, open_run)
 from .storage import (_DISK_FULL, RunError, _disk_error, _fsync_dir, _now, _tmp_path, atomic_torch_save,
@@ -119,13 +119,17 @@ def mark_running(path: Path, prov: dict[str, Any], seed: int, dev: torch.device,
 
 def save_checkpoint(path: Path, model: HierarchicalVAE, optimizer, epoch: int, pending_losses: list[float],
                     save_fp16: bool) -> None:
-    """checkpoint.pt (model, optimizer, epoch, pending train losses) and, with ``save_fp16``, model-fp16.pt."""
+    """checkpoint.pt (model, optimizer, epoch, pending train losses) and, with ``save_fp16``, model-fp16.pt.
+
+    The weights are stored under ``lvae_format`` 1's keys (:func:`lvae.models.format_1_state_dict`),
+    so every stored run, old or new, has one layout that any lvae of this format reads."""
+    state = format_1_state_dict(model.state_dict(), model.config.inference == "ladder")
     atomic_torch_save(path / CHECKPOINT, _with_digest({
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+        "model": state, "optimizer": optimizer.state_dict(), "epoch": epoch,
         # train losses of the epochs since the last evaluation (its row averages them)
         "train_losses": list(pending_losses), "format_version": FORMAT_VERSION}))
     if save_fp16:
-        half = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+        half = {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()}
         atomic_torch_save(path / WEIGHTS_FP16, _with_digest({"model": half, "epoch": epoch}))
 
 

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from lvae.runs import (
     list_runs,
 )
 from lvae.engine import get_or_train
+from lvae.experiments import run_config
 from lvae.storage import RunLockedError, run_lock
 from lvae.train import NonFiniteLossError
 from helpers import same
@@ -36,6 +38,7 @@ TIMING = {"epoch_seconds", "iw_seconds"}
 STEPS = 4  # per epoch: 128 images in batches of 32
 CONFIG = RunConfig("reg", ModelConfig(x_dim=64, latent_sizes=(4, 2), hidden_sizes=(16, 8)),
                    TrainConfig(dataset="synthetic", subset=128, batch_size=32, warmup_epochs=2))
+REPO = Path(__file__).resolve().parents[1]
 ECONFIG = EvalConfig(every=2, iw_samples=8, iw_chunk=4, test_subset=64, train_subset=64)
 
 
@@ -358,3 +361,16 @@ def test_evaluate_run_uses_every_requested_test_image_and_is_recorded(tmp_path):
     row = evaluate_run(run, iw_samples=8, test_subset=None, iw_chunk=4, device="cpu")
     assert row["n_iw"] == row["n_test"] == len(lvae.datasets.load_dataset("synthetic").x_test)
     assert run.evals()[-1]["test_LK"] == row["test_LK"]
+
+
+@pytest.mark.parametrize("variant", ["lvae_bn_wu", "vae_bn_wu"])
+def test_stored_weights_keep_the_committed_key_layout(tmp_path, variant):
+    """A run trained now stores its weights under the same keys as the committed
+    fp16 weights (lvae_format 1), so the per-layer blocks changed nothing on disk."""
+    committed = next(p for p in sorted((REPO / "results").glob(f"mnist-{variant}-5-*/model-fp16.pt")))
+    cfg = run_config(variant, 5, warmup_epochs=1, subset=256)
+    run = get_or_train(cfg, 1, dataclasses.replace(ECONFIG, iw_samples=2), root=tmp_path, progress=False,
+                       save_fp16=True)
+    old = set(torch.load(committed, weights_only=True)["model"])
+    assert set(torch.load(run.path / WEIGHTS_FP16, weights_only=True)["model"]) == old
+    assert set(torch.load(run.path / CHECKPOINT, weights_only=True)["model"]) == old
