@@ -288,7 +288,7 @@ def bench_grid(subset: int) -> list[dict]:
     data = load_dataset("mnist", subset=subset, test_subset=100)
     cfgs = [RunConfig(name=f"bench-s{s}", model=ModelConfig.paper(5, inference="bottom_up"),
                       train=TrainConfig(subset=subset, seed=s)) for s in range(3)]
-    ecfg = EvalConfig(every=100, iw_samples=10, test_subset=100, train_subset=100)
+    ecfg = EvalConfig(every=100, iw_k=10, test_subset=100, train_subset=100)
     with tempfile.TemporaryDirectory() as d:
         t = now()
         for c in cfgs:
@@ -315,7 +315,7 @@ def bench_bf16(subset: int, epochs: int, seeds: int) -> list[dict]:
         print(f"[bf16] skipped: no fast bf16 matmul here ({why}); lvae refuses precision='bf16' on this CPU")
         return []
     data = load_dataset("mnist", subset=subset, test_subset=1000)
-    ecfg = EvalConfig(every=epochs, iw_samples=1, test_subset=1000, train_subset=1000)
+    ecfg = EvalConfig(every=epochs, iw_k=1, test_subset=1000, train_subset=1000)
     out: dict = {"fp32": [], "bf16": []}
     secs: dict = {"fp32": 0.0, "bf16": 0.0}
     with tempfile.TemporaryDirectory() as d:

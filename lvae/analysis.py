@@ -556,7 +556,7 @@ def profile_rows() -> list[dict[str, Any]]:
         n_iw = "all" if p.iw_subset is None and p.test_subset is None else f"{p.iw_subset or p.test_subset:,}"
         rows.append({"profile": name, "epochs": p.epochs, "warm-up": p.warmup_epochs,
                      "train images": "60,000" if p.subset is None else f"{p.subset:,}",
-                     "depths": ", ".join(map(str, p.depths)), "seeds": len(p.seeds), "K": p.iw_samples,
+                     "depths": ", ".join(map(str, p.depths)), "seeds": len(p.seeds), "K": p.iw_k,
                      "test images for L_K": n_iw})
     return rows
 
@@ -656,7 +656,7 @@ def budget_rows(budgets: dict[str, dict[Key, Any]], variants: Sequence[str] = BU
             depth = keys[0][1]
             mine = {k: runs[k] for k in keys}
             n = lk_images(mine.values())
-            k = iw_k(mine.values(), p.iw_samples)
+            k = iw_k(mine.values(), p.iw_k)
             cells = {m: seed_mean(mine, v, depth, m, n if m == "test_LK" else None, p.seeds)
                      for m in ("train_L1", "test_L1", "test_LK")}
             lk = cells["test_LK"]
@@ -684,7 +684,7 @@ def budget_differences(budgets: dict[str, dict[Key, Any]], a: str = "lvae_bn_wu"
         p = load_profile(name)
         mine = {k: r for k, r in runs.items() if k[0] in (a, b)}
         n = lk_images(mine.values())
-        k = iw_k(mine.values(), p.iw_samples)
+        k = iw_k(mine.values(), p.iw_k)
         d1 = difference(mine, (a, depth), (b, depth), "test_L1")
         dk = difference(mine, (a, depth), (b, depth), "test_LK", n) if n else None
         seeds = [seed_mean(mine, v, depth, "test_L1", seeds=p.seeds) for v in (a, b)]

@@ -56,7 +56,7 @@ PARAMETERS: dict[str, tuple[str, str, str]] = {
     "depths": ("depths", "a list of depths (numbers of stochastic layers, >= 1)", "[1, 2]"),
     "epochs": ("epochs", "a positive integer", "3"),
     "warmup_epochs": ("warmup_epochs", "an integer >= 0", "1"),
-    "iw_samples": ("iw_samples", "a positive integer", "50"),
+    "iw_k": ("iw_k", "a positive integer", "50"),
     "test_subset": ("test_subset", "a positive integer (that many test images)", "500"),
     "iw_subset": ("iw_subset", "a positive integer (that many test images)", "100"),
     "seed": ("seeds", "an integer >= 0", "1"),
@@ -232,7 +232,7 @@ def _estimate(cfg, P, references: list) -> tuple[float, str] | None:
         if iw:  # the importance-weighted evaluation(s): final, and every iw_every epochs
             n_iw = P.iw_subset or P.test_subset or _TEST_IMAGES.get(tcfg.dataset, iw[-1]["n_iw"])
             n_evals = 1 + (P.epochs - 1) // P.iw_every if P.iw_every else 1
-            seconds += n_evals * iw[-1]["iw_seconds"] * (P.iw_samples * n_iw) / (iw[-1]["iw_k"] * iw[-1]["n_iw"])
+            seconds += n_evals * iw[-1]["iw_seconds"] * (P.iw_k * n_iw) / (iw[-1]["iw_k"] * iw[-1]["n_iw"])
         return seconds, short_device(ref.provenance.get("device")) or "unknown device"
     return None
 

@@ -427,7 +427,7 @@ def metric_contrast(reg: Registry, terms: Sequence[tuple[float, Any]],
     if any(not c.runs for c in cells):
         return None, "", [n for c in cells if not c.runs for n in c.notes]
     notes = [n for c in cells for n in c.notes]
-    est, how = run_contrast([(w, c.runs) for (w, _), c in zip(terms, cells)], metric, k=reg.P.iw_samples)
+    est, how = run_contrast([(w, c.runs) for (w, _), c in zip(terms, cells)], metric, k=reg.P.iw_k)
     return (est, how, notes) if est is not None else (None, "", notes + [how])
 
 
@@ -506,7 +506,7 @@ def _best_vae(reg: Registry, metric: str) -> tuple[Any, str | None]:
     runs = {(*spec, i): r for spec in reg.vae_cells() for i, r in enumerate(reg.cell(spec).runs)}
     n = None
     if metric != L1:
-        common = set.intersection(*[lk_counts(r, reg.P.iw_samples) - {None} for r in runs.values()] or [set()])
+        common = set.intersection(*[lk_counts(r, reg.P.iw_k) - {None} for r in runs.values()] or [set()])
         n = max(common) if common else None
     best = best_model(runs, metric, _VAES, n)
     return best, None if best is None else f"our best VAE: {reg.label(best)}"
@@ -525,9 +525,9 @@ def _cmp_part(reg: Registry, a, b, metric: str, test: Criterion | None = None, l
     if a is None or b is None:
         return Part(label or "A − B", None, test or Criterion("greater"), "", na + nb)
     est, how, notes = metric_contrast(reg, [(1.0, a), (-1.0, b)], metric)
-    name = "L1" if metric == L1 else f"L{reg.P.iw_samples}"
+    name = "L1" if metric == L1 else f"L{reg.P.iw_k}"
     return Part(label or f"{reg.label(a)} − {reg.label(b)} ({name})", est, test or Criterion("greater"), how,
-                na + nb + notes, _epochs(reg, [a, b]), None if metric == L1 else reg.P.iw_samples)
+                na + nb + notes, _epochs(reg, [a, b]), None if metric == L1 else reg.P.iw_k)
 
 
 def _epochs(reg: Registry, specs) -> int | None:
@@ -578,7 +578,7 @@ def ev_value(reg, cell, metric, key):
         return [Part(ref.model, None, test, "", notes)]
     est, how, n2 = metric_contrast(reg, [(1.0, spec)], metric)
     return [Part(reg.label(spec), est, test, how, notes + n2, _epochs(reg, [spec]),
-                 None if metric == L1 else reg.P.iw_samples)]
+                 None if metric == L1 else reg.P.iw_k)]
 
 
 def ev_values(reg, variant, keys):
@@ -593,9 +593,9 @@ def ev_vs_others(reg, cell, above, near):
     est, how, notes = metric_contrast(reg, [(1.0, cell)], LK)
     ep = _epochs(reg, [cell])
     parts = [Part(f"ours − {paper.get(k).model}", None if est is None else _shift(est, paper.get(k).value),
-                  Criterion("greater", 0.0, budget_limited=True), how, notes, ep, reg.P.iw_samples) for k in above]
+                  Criterion("greater", 0.0, budget_limited=True), how, notes, ep, reg.P.iw_k) for k in above]
     parts += [Part(f"ours vs {paper.get(k).model}", est, Criterion("within", paper.get(k).value, VALUE_TOLERANCE_NATS,
-                                                              budget_limited=True), how, notes, ep, reg.P.iw_samples)
+                                                              budget_limited=True), how, notes, ep, reg.P.iw_k)
               for k in near]
     return parts
 

@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a stored run (L1, per-unit KL, importance-weighted L_K)")
     e.add_argument("run", help="run directory, name or unique prefix")
-    e.add_argument("--iw", type=_positive_int, default=5000, help="importance samples K (default 5000)")
+    e.add_argument("--iw-k", type=_positive_int, default=5000, help="K of the importance-weighted bound L_K (default 5000)")
     e.add_argument("--test-subset", type=_positive_int, default=None, help="first n test images (default: all)")
     e.add_argument("--chunk", type=_positive_int, default=500, help="importance samples per chunk")
     e.add_argument("--out", default=None, help="results directory (default: $LVAE_RESULTS or ./results)")
@@ -413,7 +413,7 @@ def _eval(ns: argparse.Namespace) -> int:
     if not any((run.path / f).exists() for f in (CHECKPOINT, WEIGHTS_FP16)):
         run.load_model()  # no weights: says which command recreates them, before any data is loaded
     _check_sizes_fit(run.config.train.dataset, None, ns.test_subset, "--subset", "--test-subset")
-    row = evaluate_run(run, ns.iw, ns.test_subset, ns.chunk, ns.device, progress=True)
+    row = evaluate_run(run, ns.iw_k, ns.test_subset, ns.chunk, ns.device, progress=True)
     print(json.dumps({k: v for k, v in row.items() if k != "kl_units"}, indent=2))
     return 0
 

@@ -156,8 +156,8 @@ class TrainConfig:
     clip_norm: float = 4.0  # rescale gradients to total norm <= clip_norm (0 = off)
     clip_value: float = 0.9  # then clip every element to +-clip_value (0 = off)
     warmup_epochs: int = 200  # Nt; 0 = no warm-up (beta = 1 throughout)
-    eq_samples: int = 1
-    iw_samples: int = 1
+    eq_samples: int = 1  # the training objective (authors' code): eq_samples x iw_samples posterior samples
+    iw_samples: int = 1  # per image, importance-weighted over iw_samples (IWAE); the test bound's K is EvalConfig.iw_k
     analytic_kl: bool = True  # analytic per-layer KL where both Gaussians are known (eq=iw=1 only)
     lr_decay: float = 1.0  # finetuning: lr *= lr_decay every lr_decay_every epochs
     lr_decay_every: int = 0
@@ -198,7 +198,7 @@ class EvalConfig:
     the trajectory (evaluation uses its own random generators)."""
 
     every: int = 10  # train/test L1 and per-unit KL every `every` epochs (and at the last epoch)
-    iw_samples: int = 5000  # K of the importance-weighted test bound
+    iw_k: int = 5000  # K of the importance-weighted test bound L_K
     iw_every: int = 0  # L_K every `iw_every` epochs (0 = only at the last epoch of a call)
     test_subset: int | None = None  # first n test images for L1 and KL (None = all 10,000)
     iw_subset: int | None = None  # first n of those for L_K (None = the same images)
@@ -207,7 +207,7 @@ class EvalConfig:
     bn_stats: str = "recompute"  # "recompute": BN population stats over train_subset | "running"
 
     def __post_init__(self) -> None:
-        for name in ("every", "iw_samples", "iw_chunk"):
+        for name in ("every", "iw_k", "iw_chunk"):
             _check_positive_int(self, name)
         if not _is_int(self.iw_every) or self.iw_every < 0:
             raise _invalid(self, "iw_every", "must be an integer >= 0 (0 = only at the last epoch)")
@@ -246,6 +246,12 @@ class RunConfig:
     @property
     def dir_name(self) -> str:
         return f"{self.name}-{self.key}"
+
+
+def upgrade_eval_config(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored ``eval`` section in today's field names: runs written before the rename call the K of
+    L_K ``iw_samples`` (today ``iw_k``; ``TrainConfig.iw_samples`` is the training objective's)."""
+    return {("iw_k" if k == "iw_samples" else k): v for k, v in stored.items()}
 
 
 def _non_default(obj: Any) -> dict[str, Any]:

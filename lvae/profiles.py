@@ -21,7 +21,7 @@ from .experiments import FIG3_VARIANTS, VARIANTS, run_config
 
 PROFILE_FILE_ENV = "LVAE_PROFILES"
 _KEYS = {"description", "dataset", "subset", "epochs", "warmup_epochs", "depths", "variants", "seeds",
-         "eval_every", "eval_train_subset", "test_subset", "iw_samples", "iw_every", "iw_subset", "keep_weights", "train", "trainer"}
+         "eval_every", "eval_train_subset", "test_subset", "iw_k", "iw_every", "iw_subset", "keep_weights", "train", "trainer"}
 TRAINERS = ("single", "grid")  # how grid_runs trains the missing runs: one by one, or stacked (lvae.grid)
 
 
@@ -39,7 +39,7 @@ class Profile:
     eval_every: int
     eval_train_subset: int | None
     test_subset: int | None
-    iw_samples: int
+    iw_k: int
     iw_every: int
     iw_subset: int | None
     keep_weights: tuple[str, ...]
@@ -55,7 +55,7 @@ class Profile:
         n_train = "all 60,000" if self.subset is None else f"{self.subset:,}"
         n_iw = "all" if self.iw_subset is None and self.test_subset is None else f"{self.iw_subset or self.test_subset:,}"
         return (f"profile '{self.name}': {self.epochs} epochs (warm-up {self.warmup_epochs}) on {n_train} training "
-                f"images, seed(s) {', '.join(map(str, self.seeds))}, L_{self.iw_samples} on {n_iw} test images")
+                f"images, seed(s) {', '.join(map(str, self.seeds))}, L_{self.iw_k} on {n_iw} test images")
 
 
 def _profile_file() -> Path:
@@ -88,7 +88,7 @@ def load_profile(name: str) -> Profile:
         depths=tuple(raw.get("depths", (1, 2, 3, 4, 5))), variants=tuple(raw.get("variants", FIG3_VARIANTS)),
         seeds=tuple(raw.get("seeds", (0,))), eval_every=int(raw.get("eval_every", 1)),
         eval_train_subset=raw.get("eval_train_subset"), test_subset=raw.get("test_subset"),
-        iw_samples=int(raw.get("iw_samples", 5000)), iw_every=int(raw.get("iw_every", 0)),
+        iw_k=int(raw.get("iw_k", 5000)), iw_every=int(raw.get("iw_every", 0)),
         iw_subset=raw.get("iw_subset"), keep_weights=tuple(raw.get("keep_weights", ())),
         train=tuple(sorted((raw.get("train") or {}).items())), trainer=raw.get("trainer", "single"),
     )
@@ -103,7 +103,7 @@ def experiment(profile: Profile | str, variant: str, depth: int, seed: int | Non
     cfg = run_config(variant, depth, dataset=p.dataset, warmup_epochs=p.warmup_epochs, **overrides)
     if seed != 0:
         cfg = RunConfig(name=f"{cfg.name}-s{seed}", model=cfg.model, train=cfg.train)
-    ecfg = EvalConfig(every=p.eval_every, iw_samples=p.iw_samples, iw_every=p.iw_every, test_subset=p.test_subset,
+    ecfg = EvalConfig(every=p.eval_every, iw_k=p.iw_k, iw_every=p.iw_every, test_subset=p.test_subset,
                       iw_subset=p.iw_subset, train_subset=p.eval_train_subset)
     return cfg, ecfg
 

@@ -86,7 +86,7 @@ SOURCES: dict[tuple[str, str], str] = {
     # -- evaluation -------------------------------------------------------------------------------
     ("eval", "every"): "Ours: train and test L1 and the per-unit KL every this many epochs (the paper "
                        "does not give its evaluation schedule).",
-    ("eval", "iw_samples"): "Paper section 3: the log-likelihood approximated with 5,000 importance "
+    ("eval", "iw_k"): "Paper section 3: the log-likelihood approximated with 5,000 importance "
                             "samples (eq 6).",
     ("eval", "iw_every"): "Ours: L_K only after the last epoch (0). The code's README runs computed it "
                           "every 100 epochs.",
@@ -103,7 +103,7 @@ SOURCES: dict[tuple[str, str], str] = {
 
 # The paper's MNIST training budget (section 3): 2,000 epochs on the complete training set,
 # warm-up over N_t = 200, test log-likelihood with 5,000 importance samples on the test set.
-PAPER_BUDGET: dict[str, Any] = {"epochs": 2000, "warmup_epochs": 200, "subset": None, "iw_samples": 5000,
+PAPER_BUDGET: dict[str, Any] = {"epochs": 2000, "warmup_epochs": 200, "subset": None, "iw_k": 5000,
                                 "test_subset": None, "iw_subset": None}
 
 
@@ -182,7 +182,7 @@ def budget_rows(profiles: tuple[str, ...] = ("cpu", "cpu-long", "paper")) -> lis
         "depths": ("1–5", lambda p: ", ".join(map(str, p.depths))),
         "seeds": ("not stated", lambda p: ", ".join(map(str, p.seeds))),
         "test images for L1": (_images(b["test_subset"], "all 10,000"), lambda p: _images(p.test_subset, "all 10,000")),
-        "K of L_K": (b["iw_samples"], lambda p: p.iw_samples),
+        "K of L_K": (b["iw_k"], lambda p: p.iw_k),
         "test images for L_K": (_images(b["iw_subset"], "all 10,000"),
                                 lambda p: _images(p.iw_subset if p.iw_subset is not None else p.test_subset,
                                                   "all 10,000")),

@@ -58,7 +58,7 @@ import torch
 
 from . import datasets
 from .commands import train_command
-from .config import ConfigError, EvalConfig, RunConfig
+from .config import ConfigError, EvalConfig, RunConfig, upgrade_eval_config
 from .models import HierarchicalVAE, build_model
 from .storage import (RunError, _finite_or_none, _lock_held, _now, append_jsonl, atomic_write_bytes, device_description,
                       git_commit, read_jsonl)
@@ -131,7 +131,7 @@ class Run:
             )
         try:
             self.config = RunConfig.from_dict(stored["run"])
-            self.eval_config = EvalConfig(**stored.get("eval", {}))
+            self.eval_config = EvalConfig(**upgrade_eval_config(stored.get("eval", {})))
         except (KeyError, TypeError, ConfigError) as e:
             raise RunError(f"{self.path / 'config.json'} does not describe a valid run ({type(e).__name__}: {e}); "
                            f"delete the run directory to retrain it") from None
@@ -431,7 +431,7 @@ def record_eval(run: Run, row: dict) -> None:
     append_jsonl(run.path / "evals.jsonl", {"time": _now(), **row})
 
 
-def evaluate_run(run: Run, iw_samples: int = 5000, test_subset: int | None = None, iw_chunk: int = 500,
+def evaluate_run(run: Run, iw_k: int = 5000, test_subset: int | None = None, iw_chunk: int = 500,
                  device: str | torch.device | None = None, save: bool = True, progress: bool = False,
                  iw_subset: int | None = None) -> dict:
     """Evaluate a stored run's final weights (L1s, per-unit KL, L_K) and record it in evals.jsonl,
@@ -443,7 +443,7 @@ def evaluate_run(run: Run, iw_samples: int = 5000, test_subset: int | None = Non
     """
     dev = torch.device(device) if device is not None else default_device()
     tcfg = run.config.train
-    ecfg = dataclasses.replace(run.eval_config, iw_samples=iw_samples, test_subset=test_subset, iw_subset=iw_subset,
+    ecfg = dataclasses.replace(run.eval_config, iw_k=iw_k, test_subset=test_subset, iw_subset=iw_subset,
                                iw_chunk=iw_chunk)
     data = datasets.load_dataset(tcfg.dataset, subset=tcfg.subset, test_subset=test_subset, test_seed=tcfg.test_seed)
     model = run.load_model(dev)

@@ -333,14 +333,14 @@ def evaluate(model: HierarchicalVAE, data: datasets.ImageData, cfg: TrainConfig,
     out["n_test"] = len(x_test)
     if with_iw:
         t0 = time.perf_counter()
-        iw_batch = max(1, min(100, 25_000 // max(1, min(ecfg.iw_chunk, ecfg.iw_samples))))
+        iw_batch = max(1, min(100, 25_000 // max(1, min(ecfg.iw_chunk, ecfg.iw_k))))
         x_iw = x_test[: ecfg.iw_subset] if ecfg.iw_subset else x_test
-        vals = iw_bound_batched(model, x_iw, ecfg.iw_samples, ecfg.iw_chunk, iw_batch, g,
+        vals = iw_bound_batched(model, x_iw, ecfg.iw_k, ecfg.iw_chunk, iw_batch, g,
                                 workers=torch.get_num_threads(), progress=progress)
         out["test_LK"], out["test_LK_se"] = _batched_mean_se(vals)
         if per_image is not None:
             per_image["test_LK"] = vals.float().cpu().numpy()
-        out["iw_k"] = ecfg.iw_samples
+        out["iw_k"] = ecfg.iw_k
         out["n_iw"] = len(x_iw)
         out["iw_seconds"] = time.perf_counter() - t0
     return out

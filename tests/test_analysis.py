@@ -61,7 +61,7 @@ def test_registry_rows_mark_unfinished_runs(tmp_path):
     assert registry_rows(tmp_path) == []
     cfg = RunConfig(name="tiny", model=ModelConfig(x_dim=64, latent_sizes=(4, 2), hidden_sizes=(16, 8)),
                     train=TrainConfig(dataset="synthetic", subset=64, batch_size=32))
-    ev = EvalConfig(every=1, iw_samples=5, iw_chunk=5, test_subset=20, train_subset=32)
+    ev = EvalConfig(every=1, iw_k=5, iw_chunk=5, test_subset=20, train_subset=32)
     get_or_train(cfg, 2, ev, root=tmp_path, device="cpu", progress=False, stop_after=1)
     [row] = registry_rows(tmp_path)
     assert row["epochs"] == "1 (partial)" and row["device"].startswith("cpu, ") and len(row["commit"]) <= 7
@@ -242,9 +242,9 @@ def test_curves_vs_depth_draws_the_ci_over_seeds():
 # -- reading the longer budgets from the registry, never training ----------------------------------
 PROFILES = """
 short: {dataset: synthetic, subset: 64, epochs: 2, warmup_epochs: 1, depths: [1], variants: [lvae_bn_wu, vae_bn_wu],
-        seeds: [0, 1], eval_every: 1, eval_train_subset: 32, test_subset: 20, iw_samples: 5}
+        seeds: [0, 1], eval_every: 1, eval_train_subset: 32, test_subset: 20, iw_k: 5}
 long: {dataset: synthetic, subset: 64, epochs: 3, warmup_epochs: 2, depths: [1], variants: [lvae_bn_wu, vae_bn_wu],
-       seeds: [0, 1], eval_every: 1, eval_train_subset: 32, test_subset: 20, iw_samples: 5}
+       seeds: [0, 1], eval_every: 1, eval_train_subset: 32, test_subset: 20, iw_k: 5}
 never: {dataset: synthetic, subset: 64, epochs: 9, depths: [1], variants: [lvae_bn_wu], seeds: [0]}
 """
 

@@ -25,7 +25,7 @@ COMMITTED = "mnist-vae_bn_wu-5-c9cd6df346"  # a committed, complete run with fp1
 MODEL = ModelConfig(x_dim=64, latent_sizes=(4, 2), hidden_sizes=(16, 8))
 CONFIG = RunConfig("reg", MODEL, TrainConfig(dataset="synthetic", subset=128, batch_size=32, warmup_epochs=1))
 PARTIAL = RunConfig("part", MODEL, TrainConfig(dataset="synthetic", subset=128, batch_size=32, seed=1))
-ECONFIG = EvalConfig(every=1, iw_samples=8, iw_chunk=4, test_subset=64, train_subset=64)
+ECONFIG = EvalConfig(every=1, iw_k=8, iw_chunk=4, test_subset=64, train_subset=64)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

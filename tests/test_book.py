@@ -219,8 +219,8 @@ def test_unknown_profile_and_parameter_are_refused_before_any_work(tmp_path):
 
 
 def test_resolve_profile_overrides():
-    p = book.resolve_profile("smoke", epochs=3, depths=[1], seed=2, iw_samples=None)
-    assert (p.epochs, p.depths, p.seeds, p.iw_samples) == (3, (1,), (2,), 50)
+    p = book.resolve_profile("smoke", epochs=3, depths=[1], seed=2, iw_k=None)
+    assert (p.epochs, p.depths, p.seeds, p.iw_k) == (3, (1,), (2,), 50)
     with pytest.raises(Exception, match="unknown chapter parameter"):
         book.resolve_profile("smoke", lr=1)
 
@@ -236,7 +236,7 @@ def test_papermill_parameters_are_read_as_yaml(value, depths):
 @pytest.mark.parametrize("name, value, example", [
     ("depths", "abc", '-p depths "[1, 2]"'), ("depths", "[0]", '-p depths "[1, 2]"'),
     ("depths", "[1, x", '-p depths "[1, 2]"'), ("epochs", "three", "-p epochs 3"), ("epochs", 2.5, "-p epochs 3"),
-    ("seed", -1, "-p seed 1"), ("dataset", "cifar", "-p dataset mnist"), ("iw_samples", True, "-p iw_samples 50"),
+    ("seed", -1, "-p seed 1"), ("dataset", "cifar", "-p dataset mnist"), ("iw_k", True, "-p iw_k 50"),
 ])
 def test_bad_parameter_is_one_line_naming_it(name, value, example):
     with pytest.raises(book.ParameterError) as e:

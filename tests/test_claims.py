@@ -111,7 +111,7 @@ def write_run(root, P, variant, depth, seed, l1, lk=None, per_image=True, status
         if epoch == P.epochs:
             row.update(test_L1=float(l1.mean()), test_L1_se=float(l1.std(ddof=1) / np.sqrt(l1.size)),
                        test_LK=float(lk[:n_iw].mean()), test_LK_se=float(lk[:n_iw].std(ddof=1) / np.sqrt(n_iw)),
-                       iw_k=P.iw_samples, n_iw=n_iw)
+                       iw_k=P.iw_k, n_iw=n_iw)
             if per_image:
                 row["per_image"] = save_per_image(path, row, {"test_L1": l1, "test_LK": lk[:n_iw]})
         append_jsonl(path / "metrics.jsonl", row)
@@ -262,7 +262,7 @@ def test_best_vae_compares_every_model_on_the_same_test_images(tmp_path):
         write_run(tmp_path, P, "vae_bn_wu", 1, s, images(0.0, s))
         write_run(tmp_path, P, "vae_bn_wu", 2, s, images(1.0, s))
     path = results_dir(tmp_path) / experiment(P, "vae_bn_wu", 2, 0)[0].dir_name
-    append_jsonl(path / "evals.jsonl", {"epoch": P.epochs, "iw_k": P.iw_samples, "n_iw": N_IMAGES,
+    append_jsonl(path / "evals.jsonl", {"epoch": P.epochs, "iw_k": P.iw_k, "n_iw": N_IMAGES,
                                         "test_LK": -500.0, "test_LK_se": 1.0})
     best, note = claims._best_vae(Registry(P, tmp_path), "test_LK")
     assert best == ("vae_bn_wu", 2) and "VAE+BN+WU 2-layer" in note

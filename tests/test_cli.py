@@ -21,7 +21,7 @@ from lvae.storage import RunError, run_lock
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "32", "--latent-sizes", "4,2",
-        "--hidden-sizes", "16,8", "--eval-iw-samples", "4", "--eval-iw-chunk", "4", "--eval-test-subset", "32",
+        "--hidden-sizes", "16,8", "--eval-iw-k", "4", "--eval-iw-chunk", "4", "--eval-test-subset", "32",
         "--eval-train-subset", "32", "--quiet"]
 
 
@@ -159,7 +159,7 @@ def test_runtime_errors_exit_1_with_the_fix(tmp_path, capsys):
     (run_dir / CHECKPOINT).write_bytes(raw[: len(raw) // 2])
     assert cli.main(train_args(tmp_path, epochs="2")) == 1
     assert "is damaged" in capsys.readouterr().err
-    assert cli.main(["eval", run_dir.name, "--out", str(tmp_path), "--iw", "4", "--test-subset", "16"]) == 1
+    assert cli.main(["eval", run_dir.name, "--out", str(tmp_path), "--iw-k", "4", "--test-subset", "16"]) == 1
     assert "delete it to retrain the run" in capsys.readouterr().err
     # an unknown run
     assert cli.main(["eval", "no-such-run", "--out", str(tmp_path)]) == 1
@@ -347,7 +347,7 @@ def test_eval_without_weights_names_a_command_that_recreates_them(tmp_path, caps
     run = Run(json.loads(capsys.readouterr().out)["run"])
     for name in (CHECKPOINT, WEIGHTS_FP16):
         (run.path / name).unlink(missing_ok=True)
-    eval_args = ["--iw", "4", "--test-subset", "16"]
+    eval_args = ["--iw-k", "4", "--test-subset", "16"]
     assert cli.main(["eval", run.name, "--out", str(tmp_path / "results"), *eval_args]) == 1
     err = capsys.readouterr().err
     assert f"lvae eval: error: {run.path} has no weights" in err and "get_or_train with" not in err
@@ -384,7 +384,7 @@ def fake_mnist(tmp_path, monkeypatch) -> Path:
 
 
 MNIST_TINY = ["--dataset", "mnist", "--batch-size", "8", "--latent-sizes", "4,2", "--hidden-sizes", "16,8",
-              "--eval-iw-samples", "4", "--eval-iw-chunk", "4", "--eval-train-subset", "8", "--quiet"]
+              "--eval-iw-k", "4", "--eval-iw-chunk", "4", "--eval-train-subset", "8", "--quiet"]
 
 
 def test_subsets_larger_than_the_dataset_are_refused(fake_mnist, tmp_path, capsys):
@@ -404,15 +404,15 @@ def test_subsets_larger_than_the_dataset_are_refused(fake_mnist, tmp_path, capsy
     for extra, match in ((["--test-subset", "0"], "argument --test-subset: '0' is not a positive integer"),
                          (["--test-subset", "-3"], "argument --test-subset: '-3' is not a positive integer"),
                          (["--test-subset", "100000"], "--test-subset 100000: mnist has only 10 test images"),
-                         (["--iw", "0"], "argument --iw: '0' is not a positive integer"),
+                         (["--iw-k", "0"], "argument --iw-k: '0' is not a positive integer"),
                          (["--chunk", "0"], "argument --chunk: '0' is not a positive integer")):
         with pytest.raises(SystemExit) as exit_:
-            cli.main(["eval", run, "--iw", "4", "--chunk", "4", *extra])
+            cli.main(["eval", run, "--iw-k", "4", "--chunk", "4", *extra])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and f"lvae eval: error: {match}" in err and "Traceback" not in err, err
         assert "iw_chunk" not in err and "every" not in err
     assert not (Path(run) / "evals.jsonl").exists()
-    assert cli.main(["eval", run, "--iw", "4", "--chunk", "4", "--test-subset", "10"]) == 0
+    assert cli.main(["eval", run, "--iw-k", "4", "--chunk", "4", "--test-subset", "10"]) == 0
 
 
 def test_a_read_only_data_folder_with_a_file_missing_says_so(fake_mnist, capsys, monkeypatch):

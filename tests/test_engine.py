@@ -20,7 +20,7 @@ from lvae.runs import CHECKPOINT, Run
 from lvae.train import NonFiniteLossError, generator, learning_rate, make_optimizer, train_step
 from lvae.warmup import warmup_beta
 
-EVAL = EvalConfig(every=10, iw_samples=4, iw_chunk=4, test_subset=32, train_subset=32)
+EVAL = EvalConfig(every=10, iw_k=4, iw_chunk=4, test_subset=32, train_subset=32)
 
 
 def _cfg(name="e", inference="ladder", bn=True, seed=0, warmup=2, **train):
@@ -172,7 +172,7 @@ def test_a_diverging_member_of_a_stack_fails_alone(tmp_path, data, monkeypatch):
         return {**out, "test_L1": float("nan")} if tcfg.seed == 1 and epoch + 1 == 2 else out
 
     monkeypatch.setattr(lvae.engine, "evaluate", spoiled)
-    ecfg = EvalConfig(every=1, iw_samples=4, iw_chunk=4, test_subset=32, train_subset=32)
+    ecfg = EvalConfig(every=1, iw_k=4, iw_chunk=4, test_subset=32, train_subset=32)
     with pytest.raises(NonFiniteLossError, match=r"^bad: the evaluation of epoch 2 is not sane.*keeps its checkpoint "
                                                  r"of epoch 1"):
         train_grid(cfgs, 3, ecfg, root=tmp_path, device="cpu", progress=False, data=data)

@@ -24,7 +24,7 @@ needs_submitit = pytest.mark.skipif(importlib.util.find_spec("submitit") is None
 # two groups of two stacked models (VAE+BN and VAE+BN+WU differ only in warm-up) at depths 1 and 2
 CONFIGS = grid("fig3", depths=(1, 2), variants=("vae_bn", "vae_bn_wu"), dataset="synthetic", subset=128,
                warmup_epochs=1)
-EVAL = EvalConfig(every=1, iw_samples=5, iw_chunk=5, test_subset=50, train_subset=50)
+EVAL = EvalConfig(every=1, iw_k=5, iw_chunk=5, test_subset=50, train_subset=50)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -34,7 +34,7 @@ TIMING = {"epoch_seconds", "iw_seconds"}  # wall-clock fields: the only ones all
 EPOCHS = 6  # 8 steps per epoch (256 images, batch 32); evaluations at epochs 2, 4 (with L_K) and 6
 CONFIG = RunConfig("fault", ModelConfig(x_dim=64, latent_sizes=(4, 2), hidden_sizes=(16, 8)),
                    TrainConfig(dataset="synthetic", subset=256, batch_size=32, warmup_epochs=3))
-ECONFIG = EvalConfig(every=2, iw_samples=8, iw_every=4, iw_chunk=4, test_subset=64, train_subset=64)
+ECONFIG = EvalConfig(every=2, iw_k=8, iw_every=4, iw_chunk=4, test_subset=64, train_subset=64)
 
 RANDOM_EPOCHS = 12  # a longer run so that random kill times land inside training
 RANDOM_CONFIG = RunConfig("fault-random", CONFIG.model,

@@ -10,7 +10,7 @@ from lvae.grid import group_configs, train_grid
 from lvae.models import noise_shapes
 from lvae.engine import get_or_train
 
-EVAL = EvalConfig(every=1, iw_samples=20, iw_chunk=7, test_subset=60, train_subset=80)
+EVAL = EvalConfig(every=1, iw_k=20, iw_chunk=7, test_subset=60, train_subset=80)
 
 
 def _cfg(name, inference="ladder", bn=True, seed=0, warmup=0):
@@ -107,7 +107,7 @@ def test_cli_train_grid(tmp_path, capsys):
     from lvae.cli import main
 
     rc = main(["train", "--grid", "fig3", "--depths", "1,2", "--epochs", "1", "--dataset", "synthetic",
-               "--subset", "128", "--out", str(tmp_path), "--quiet", "--eval-iw-samples", "5",
+               "--subset", "128", "--out", str(tmp_path), "--quiet", "--eval-iw-k", "5",
                "--eval-test-subset", "50", "--eval-train-subset", "50"])
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)

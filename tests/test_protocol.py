@@ -62,8 +62,8 @@ def test_the_markdown_list_has_one_item_per_field():
 def test_the_paper_profile_is_the_papers_budget():
     p = load_profile("paper")
     b = protocol.PAPER_BUDGET
-    assert (p.epochs, p.warmup_epochs, p.subset, p.iw_samples, p.test_subset, p.iw_subset) == \
-        (b["epochs"], b["warmup_epochs"], b["subset"], b["iw_samples"], b["test_subset"], b["iw_subset"])
+    assert (p.epochs, p.warmup_epochs, p.subset, p.iw_k, p.test_subset, p.iw_subset) == \
+        (b["epochs"], b["warmup_epochs"], b["subset"], b["iw_k"], b["test_subset"], b["iw_subset"])
 
 
 def test_budget_rows_follow_the_profiles():

@@ -35,7 +35,7 @@ from helpers import same
 TIMING = {"epoch_seconds", "iw_seconds"}
 CONFIG = RunConfig("rel", ModelConfig(x_dim=64, latent_sizes=(4, 2), hidden_sizes=(16, 8)),
                    TrainConfig(dataset="synthetic", subset=128, batch_size=32, warmup_epochs=2))
-ECONFIG = EvalConfig(every=1, iw_samples=8, iw_chunk=4, test_subset=64, train_subset=64)
+ECONFIG = EvalConfig(every=1, iw_k=8, iw_chunk=4, test_subset=64, train_subset=64)
 FIX = r"delete|move it away|restore"  # every RunError about a damaged file says what to do
 
 

@@ -39,7 +39,7 @@ STEPS = 4  # per epoch: 128 images in batches of 32
 CONFIG = RunConfig("reg", ModelConfig(x_dim=64, latent_sizes=(4, 2), hidden_sizes=(16, 8)),
                    TrainConfig(dataset="synthetic", subset=128, batch_size=32, warmup_epochs=2))
 REPO = Path(__file__).resolve().parents[1]
-ECONFIG = EvalConfig(every=2, iw_samples=8, iw_chunk=4, test_subset=64, train_subset=64)
+ECONFIG = EvalConfig(every=2, iw_k=8, iw_chunk=4, test_subset=64, train_subset=64)
 
 
 def train(root, epochs=4, config=CONFIG, ecfg=ECONFIG, **kw) -> Run:
@@ -322,7 +322,7 @@ def test_cli_name_escaping_out_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["train", "--name", "../x", "--out", str(tmp_path / "out"), "--epochs", "1", "--warmup-epochs", "1",
                   "--quiet", "--dataset", "synthetic", "--subset", "64", "--x-dim", "64", "--depth", "1",
-                  "--latent-sizes", "2", "--hidden-sizes", "8", "--eval-iw-samples", "2",
+                  "--latent-sizes", "2", "--hidden-sizes", "8", "--eval-iw-k", "2",
                   "--eval-test-subset", "16", "--eval-train-subset", "16"])  # were it not refused: seconds
     assert exit_.value.code == 2 and "is not a single folder name" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
@@ -358,7 +358,7 @@ def test_evaluate_run_uses_every_requested_test_image_and_is_recorded(tmp_path):
 
     run = train(tmp_path, epochs=2, ecfg=dataclasses.replace(ECONFIG, iw_subset=16))
     assert run.metrics()[-1]["n_iw"] == 16  # training-time L_K on the profile's subset
-    row = evaluate_run(run, iw_samples=8, test_subset=None, iw_chunk=4, device="cpu")
+    row = evaluate_run(run, iw_k=8, test_subset=None, iw_chunk=4, device="cpu")
     assert row["n_iw"] == row["n_test"] == len(lvae.datasets.load_dataset("synthetic").x_test)
     assert run.evals()[-1]["test_LK"] == row["test_LK"]
 
@@ -369,7 +369,7 @@ def test_stored_weights_keep_the_committed_key_layout(tmp_path, variant):
     fp16 weights (lvae_format 1), so the per-layer blocks changed nothing on disk."""
     committed = next(p for p in sorted((REPO / "results").glob(f"mnist-{variant}-5-*/model-fp16.pt")))
     cfg = run_config(variant, 5, warmup_epochs=1, subset=256)
-    run = get_or_train(cfg, 1, dataclasses.replace(ECONFIG, iw_samples=2), root=tmp_path, progress=False,
+    run = get_or_train(cfg, 1, dataclasses.replace(ECONFIG, iw_k=2), root=tmp_path, progress=False,
                        save_fp16=True)
     old = set(torch.load(committed, weights_only=True)["model"])
     assert set(torch.load(run.path / WEIGHTS_FP16, weights_only=True)["model"]) == old

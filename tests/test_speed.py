@@ -165,7 +165,7 @@ def test_inference_mode_dense_matches_forward():
 def test_bf16_mode_within_02_nats_of_fp32(tmp_path):
     """The opt-in bf16 autocast mode: same short run, test L1 within 0.2 nats of fp32."""
     data = datasets.load_dataset("synthetic", subset=512, test_subset=200)
-    ecfg = EvalConfig(every=4, iw_samples=10, test_subset=200, train_subset=200)
+    ecfg = EvalConfig(every=4, iw_k=10, test_subset=200, train_subset=200)
     out = {}
     for precision in ("fp32", "bf16"):
         cfg = RunConfig(name=f"bf-{precision}", model=ModelConfig(x_dim=64, latent_sizes=(8, 4),

@@ -86,7 +86,7 @@ def test_bf16_without_fast_hardware_is_refused_with_the_fp32_alternative(tmp_pat
                     TrainConfig(dataset="synthetic", subset=64, batch_size=32, precision="bf16"))
     with pytest.raises(PrecisionError, match=r"needs fast bf16 matrix multiplication, which this hardware lacks: a "
                                              r"512 x 512 matmul took 9\.00 ms.*--precision fp32"):
-        get_or_train(cfg, 1, EvalConfig(iw_samples=4, test_subset=32), root=tmp_path, device="cpu", progress=False)
+        get_or_train(cfg, 1, EvalConfig(iw_k=4, test_subset=32), root=tmp_path, device="cpu", progress=False)
     assert not any(tmp_path.iterdir())  # refused before the run directory exists
     assert issubclass(PrecisionError, ConfigError)
     check_precision(TrainConfig(precision="fp32"), "cpu")  # fp32 is never refused
