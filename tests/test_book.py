@@ -204,6 +204,7 @@ def test_failing_chapter_names_chapter_and_cell_and_never_reaches_html(tmp_path)
     assert (tmp_path / "_build" / "executed" / "failed" / "intro.ipynb").exists()  # kept for inspection
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 def test_unknown_profile_and_parameter_are_refused_before_any_work(tmp_path):
     t0 = time.perf_counter()
     proc = _lvae("book", "--profile", "nope", "--out", str(tmp_path / "b"))
@@ -251,6 +252,7 @@ def test_bad_profile_is_one_line():
         book.setup({"profile": "nope"})
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 def test_lvae_book_names_the_parameter_in_its_own_syntax(tmp_path):
     proc = _lvae("book", "--profile", "smoke", "-p", "depths=abc", "--out", str(tmp_path / "b"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
@@ -447,6 +449,7 @@ def _setup_output(executed: Path) -> str:
     raise AssertionError("no set-up cell")
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 def test_chapter_from_a_plain_install_in_another_folder_reads_the_committed_runs(repo_copy, tmp_path):
     """Colab after a restart: lvae is a plain (non-editable) install of the clone, the kernel runs in
     another folder, no LVAE_* variable is set. The chapter reads the clone's committed runs and
@@ -467,6 +470,7 @@ def test_chapter_from_a_plain_install_in_another_folder_reads_the_committed_runs
     assert list(elsewhere.iterdir()) == [] and not (repo_copy / "_build").exists(), "the chapter trained something"
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 def test_papermill_depths_list_from_the_repository_root(repo_copy, tmp_path):
     """`papermill book/<chapter>.ipynb out -p depths "[1]"` from the repository root works and
     leaves results/ as it was."""

@@ -191,6 +191,7 @@ def test_runs_lists_failed_and_interrupted_runs_without_their_numbers(tmp_path, 
     assert f"{value:.2f}" not in table and row["test_L1"] is None and "non-finite" in row["error"]
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 def test_a_second_process_is_refused_while_a_run_is_locked(tmp_path):
     """Across processes: `lvae train` refuses a run another process trains, and touches nothing."""
     assert cli.main(train_args(tmp_path, epochs="1")) == 0

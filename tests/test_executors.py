@@ -36,6 +36,7 @@ def _record(run) -> dict:
     return {"metrics": rows, "model": ckpt["model"], "optimizer": ckpt["optimizer"], "epoch": ckpt["epoch"]}
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 @needs_submitit
 def test_local_jobs_train_the_grid_exactly_as_in_process(tmp_path):
     assert len(group_configs(CONFIGS)) == 2
@@ -51,6 +52,7 @@ def test_local_jobs_train_the_grid_exactly_as_in_process(tmp_path):
     assert again.jobs == [] and [r.name for r in again.wait()] == [r.name for r in here]  # complete: not resubmitted
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 @needs_submitit
 def test_a_failed_job_is_reported_with_its_runs_error_and_log(tmp_path):
     cfgs = group_configs(CONFIGS)[0]

@@ -125,6 +125,7 @@ KILL_POINTS = {
 }
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 @pytest.mark.parametrize("fault", list(KILL_POINTS))
 def test_kill_at_point_then_resume_is_bit_identical(fault, reference, tmp_path, one_thread):
     killed = run_worker(tmp_path, fault)
@@ -146,6 +147,7 @@ def test_kill_at_point_then_resume_is_bit_identical(fault, reference, tmp_path, 
     assert_identical(snapshot(run.path), reference)
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 def test_kill_the_resuming_process_too(reference, tmp_path, one_thread):
     """Two kills in a row (the second one in the resumed process), then a clean resume in a subprocess."""
     for fault in ("rename:checkpoint.pt:2", "after:FlatAdam.step:10"):
@@ -171,6 +173,7 @@ for i in range(int(sys.argv[4])):
 """
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 def test_concurrent_appends_lose_no_row(tmp_path):
     """Processes appending to one JSON-lines file at once (two `lvae eval` of one run) lose no row
     and tear none (issue 13, finding 6: 2 x 200 rows used to leave 367)."""
@@ -191,6 +194,7 @@ def test_concurrent_appends_lose_no_row(tmp_path):
         assert [r["i"] for r in rows if r["writer"] == w] == list(range(n))
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 def test_random_time_kills(tmp_path, one_thread):
     """Up to three SIGKILLs at random times during training, then a resume: nothing lost."""
     seed = int(os.environ.get("LVAE_FAULT_SEED", time.time_ns() % 2**32))

@@ -88,6 +88,7 @@ def test_grid_resume_and_reuse(tmp_path, data):
     assert ext.epochs == 3 and json.loads((ext.path / "provenance.json").read_text())["status"] == "complete"
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 def test_compiled_grid_matches_eager_grid(tmp_path, data):
     """compile=True (torch.compile of the vmapped objective, meant for the GPU) runs on the CPU and
     gives the eager grid's numbers up to rounding."""

@@ -72,6 +72,7 @@ def _log_px_quadrature(model, x, grid):
 
 @pytest.mark.parametrize("inference,latent_sizes", [("ladder", (1,)), ("bottom_up", (1,)),
                                                     ("ladder", (1, 1)), ("bottom_up", (1, 1))])
+@pytest.mark.slow  # a real process, a book build or torch.compile
 def test_iw_bound_converges_to_exact_log_likelihood(inference, latent_sizes):
     model = _tiny(inference, latent_sizes)
     x = torch.bernoulli(torch.full((3, 6), 0.5), generator=torch.Generator().manual_seed(1))

@@ -169,6 +169,7 @@ def test_full_disk_names_the_folder_removes_the_temp_file_and_keeps_the_last_goo
     assert rows(train(tmp_path)) == rows(train(tmp_path / "uninterrupted"))
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 def test_a_file_size_limit_in_a_real_process_is_a_clean_error(tmp_path):
     """The same with a real failing write: a subprocess whose files may not exceed 16 KB (the
     checkpoint needs more), so the first checkpoint write fails with EFBIG."""

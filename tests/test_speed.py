@@ -184,6 +184,7 @@ def test_precision_field_keeps_existing_run_keys():
         TrainConfig(precision="fp16")
 
 
+@pytest.mark.slow  # a real process, a book build or torch.compile
 def test_compiled_step_matches_eager_step():
     """TrainConfig(compile=True): the same noise and the same objective, so a few steps from the same
     start agree with the eager steps to floating-point rounding (fused kernels round differently).
