@@ -104,3 +104,9 @@ def test_no_sibling_import_inside_a_function(module):
     hidden = imports(module)[1]
     assert not hidden, f"lvae/{module}.py imports siblings inside functions: " + ", ".join(
         f"line {line}: {m}" for line, m in hidden) + " (import at the top; a cycle means a module is in the wrong layer)"
+
+
+def test_the_readme_module_table_lists_every_module():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    missing = [m for m in MODULES if m != "__init__" and f"`lvae/{m}.py`" not in readme]
+    assert not missing, f"README.md's module table lacks {missing}"

@@ -22,16 +22,21 @@ def _batches(n=5, seed=1):
     return [(torch.rand(16, 30, generator=gx) < 0.4).float() for _ in range(n)]
 
 
+def _twins(cfg: TrainConfig):
+    """Two models with the same initial weights, and an optimizer for each."""
+    torch.manual_seed(0)
+    a = build_model(MODEL)
+    torch.manual_seed(0)
+    b = build_model(MODEL)
+    return a, b, make_optimizer(a, cfg), make_optimizer(b, cfg)
+
+
 @pytest.mark.parametrize("eq,iw", [(1, 1), (2, 3)])
 def test_the_step_with_pre_drawn_noise_is_bitwise_the_step_that_draws_it(eq, iw):
     """Objective + objective_step (noise drawn before the step, beta a tensor) = the loss computed with
     the generator inside the pass and a float beta, then the same backward, clipping and Adam."""
     cfg = TrainConfig(eq_samples=eq, iw_samples=iw)
-    torch.manual_seed(0)
-    a = build_model(MODEL)
-    torch.manual_seed(0)
-    b = build_model(MODEL)
-    opt_a, opt_b = make_optimizer(a, cfg), make_optimizer(b, cfg)
+    a, b, opt_a, opt_b = _twins(cfg)
     ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for i, x in enumerate(_batches()):
         beta = (0.0, 0.25, 1.0)[i % 3]
@@ -49,11 +54,7 @@ def test_the_step_with_pre_drawn_noise_is_bitwise_the_step_that_draws_it(eq, iw)
 
 def test_train_step_is_the_objective_step_with_the_generators_draws():
     cfg = TrainConfig()
-    torch.manual_seed(0)
-    a = build_model(MODEL)
-    torch.manual_seed(0)
-    b = build_model(MODEL)
-    opt_a, opt_b = make_optimizer(a, cfg), make_optimizer(b, cfg)
+    a, b, opt_a, opt_b = _twins(cfg)
     ga, gb = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     for x in _batches():
         la = train_step(a, opt_a, x, 0.5, cfg, ga)
