@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import ModelConfig
 from .gaussian import (
@@ -42,6 +42,10 @@ from .gaussian import (
     sample_normal,
 )
 from .layers import LIKELIHOODS, MLP, GaussianHead, GaussianMLP
+
+
+# latents to condition on: {layer: z} or one entry (or None) per layer, 0 = z_1
+Latents = Mapping[int, Tensor] | Sequence[Tensor | None] | None
 
 
 @dataclass
@@ -173,19 +177,24 @@ class LadderLayer(StochasticLayer):
         mu_hat, var_hat = self.up.head(d)
         return (mu_hat if self.up_input == "mu" else d), (mu_hat, var_hat)
 
-    def q(self, up: tuple[torch.Tensor, torch.Tensor], z_above: torch.Tensor | None, k: int,
-          generator=None, z: torch.Tensor | None = None, mean: bool = False) -> LayerSample:
+    def q(self, up: tuple[Tensor, Tensor], z_above: Tensor | None, k: int,
+          generator=None, z: Tensor | None = None, mean: bool = False
+          ) -> LayerSample:
         """q(z_i|z_i+1, x) from the upward Gaussian ``up`` and the sample ``z_above`` of z_i+1 (None for
         the top layer: q(z_L|x) = N(mu_hat_L, var_hat_L), expanded over the ``k`` samples), and z_i
         drawn from it (:meth:`StochasticLayer.draw`)."""
         if z_above is None:
             mu_q, var_q = (t.expand(k, *t.shape) for t in up)
-            return LayerSample(self.draw(mu_q, var_q, generator, z, mean), mu_q, var_q)
+            z = self.draw(mu_q, var_q, generator, z, mean)
+            return LayerSample(z, mu_q, var_q)
         mu_p, var_p = self.p(z_above)
-        mu_t, var_t = (mu_p, var_p) if self.down is None else self.down(z_above)
+        down = self.down
+        mu_t, var_t = (mu_p, var_p) if down is None else down(z_above)
         mu_hat, var_hat = up
-        mu_q, var_q = precision_weighted(mu_hat, var_hat, mu_t, var_t)  # eqs 17-18
-        return LayerSample(self.draw(mu_q, var_q, generator, z, mean), mu_q, var_q, mu_p, var_p,
+        # eqs 17-18
+        mu_q, var_q = precision_weighted(mu_hat, var_hat, mu_t, var_t)
+        z = self.draw(mu_q, var_q, generator, z, mean)
+        return LayerSample(z, mu_q, var_q, mu_p, var_p,
                            mu_hat, var_hat, mu_t, var_t)
 
 
@@ -367,8 +376,8 @@ class HierarchicalVAE(nn.Module):
         return up
 
     def posterior(self, up, k: int = 1, generator: torch.Generator | None = None,
-                  z: Mapping[int, torch.Tensor] | Sequence[torch.Tensor | None] | None = None,
-                  mean: bool = False) -> tuple[list[LayerSample], tuple[bool, ...]]:
+                  z: Latents = None, mean: bool = False
+                  ) -> tuple[list[LayerSample], tuple[bool, ...]]:
         """The stochastic part of inference from :meth:`upward`'s ``up``: ``k`` samples of every z_i
         (``[k, B, d_i]``) with q and p of each, bottom to top, and per layer whether the closed-form
         KL is valid. The LVAE draws top-down (eqs 16-19), the VAE bottom-up, then scores each z_i
@@ -380,28 +389,33 @@ class HierarchicalVAE(nn.Module):
         the mean of its q instead of a sample (no noise drawn at all).
         """
         given = self._given(z)
-        if self.ladder:
+        L = len(self.layers)
+        if self.ladder:  # top-down: z_L, then z_i from q(z_i | z_i+1, x)
             records, z_above = [], None
-            for layer, up_i, z_i in zip(reversed(self.layers), reversed(up), reversed(given)):
-                records.insert(0, layer.q(up_i, z_above, k, generator, z_i, mean))
-                z_above = records[0].z
-            # q(z_i|z_i+1, x) and p(z_i|z_i+1) share their conditioning sample: every KL is analytic.
-            return records, (True,) * len(records)
+            for i in reversed(range(L)):
+                layer = self.layers[i]
+                record = layer.q(up[i], z_above, k, generator, given[i], mean)
+                records.insert(0, record)
+                z_above = record.z
+            # q and p of z_i share their conditioning sample z_i+1:
+            # every KL is analytic.
+            return records, (True,) * L
         records = []
-        for layer, z_i in zip(self.layers, given):  # bottom-up sampling: z_i ~ q(z_i | z_i-1)
+        for i, layer in enumerate(self.layers):  # bottom-up: z_i ~ q(z_i | z_i-1)
             if records:
                 mu_q, var_q = layer.q(records[-1].z)
             else:  # q(z_1|x), from upward(x)
                 mu_q, var_q = (t.expand(k, *t.shape) for t in up)
-            records.append(LayerSample(layer.draw(mu_q, var_q, generator, z_i, mean), mu_q, var_q))
+            z_i = layer.draw(mu_q, var_q, generator, given[i], mean)
+            records.append(LayerSample(z_i, mu_q, var_q))
         # p(z_i|z_i+1), given the samples above
         for layer, record, above in zip(self.layers, records, records[1:]):
             record.mu_p, record.var_p = layer.p(above.z)
-        # Only the top layer's KL is analytic: below, z_i+1 itself depends on z_i.
-        return records, tuple(i == len(records) - 1 for i in range(len(records)))
+        # Only the top layer's KL is analytic: below, z_i+1 depends on z_i.
+        return records, tuple(i == L - 1 for i in range(L))
 
     def forward_from(self, x: torch.Tensor, up, k: int = 1, generator: torch.Generator | None = None,
-                     z: Mapping[int, torch.Tensor] | Sequence[torch.Tensor | None] | None = None,
+                     z: Latents = None,
                      mean: bool = False) -> Pass:
         """:meth:`posterior` from ``up`` = ``upward(x)``, scored under p(x|z_1)."""
         records, ok = self.posterior(up, k, generator, z, mean)
@@ -409,7 +423,7 @@ class HierarchicalVAE(nn.Module):
         return Pass(records, self.likelihood.log_prob(x, px), px, ok)
 
     def forward(self, x: torch.Tensor, k: int = 1, generator: torch.Generator | None = None,
-                z: Mapping[int, torch.Tensor] | Sequence[torch.Tensor | None] | None = None,
+                z: Latents = None,
                 mean: bool = False) -> Pass:
         """Infer K posterior samples per example and score them under the generative model
         (``z``, ``mean``: see :meth:`posterior`)."""
