@@ -1,6 +1,6 @@
 """The bounds against closed forms: a linear-Gaussian model whose log p(x) and log p(x, z) are known
-exactly, and the authors' objective against L_K. (Convergence of L_K on 1-D latents by quadrature,
-its growth with K and L_1 = the sampled ELBO are in tests/test_math.py.)"""
+exactly; L_K against log p(x) by quadrature on 1-D latents, its growth with K, chunking and seeds,
+L_1 = the sampled ELBO; and the authors' objective against L_K."""
 import math
 
 import pytest
@@ -118,3 +118,78 @@ def test_authors_objective_with_iw_samples_is_l_k():
     log_w = p.log_px + p.log_pz - p.log_q
     torch.testing.assert_close(tb, torch.logsumexp(log_w, 0) - math.log(k))
     torch.testing.assert_close(eq, log_w.mean(0))
+
+
+def _tiny(inference, latent_sizes, batch_norm=False, x_dim=6, seed=0):
+    torch.manual_seed(seed)
+    cfg = lvae.ModelConfig(x_dim=x_dim, latent_sizes=latent_sizes, hidden_sizes=(8,) * len(latent_sizes),
+                           inference=inference, batch_norm=batch_norm)
+    model = lvae.build_model(cfg).eval()
+    # An over-dispersed proposal (q's variances a constant softplus(3) ~ 3, wider than any
+    # posterior here) keeps the importance weights light-tailed, so the Monte-Carlo error of L_K
+    # is small and the comparisons below are sharp. The means stay input-dependent.
+    for name, module in model.inference.named_modules():
+        if name.endswith(".var"):
+            torch.nn.init.zeros_(module.linear.weight)
+            torch.nn.init.constant_(module.bias, 3.0)
+    return model
+
+
+def _log_px_quadrature(model, x, grid):
+    """log p(x) by a Riemann sum over a grid of every (1-D) latent layer."""
+    L = len(model.config.latent_sizes)
+    mesh = torch.meshgrid(*([grid] * L), indexing="ij")
+    pts = [m.reshape(-1, 1) for m in mesh]  # z_1 .. z_L, each [G^L, 1]
+    dz = float(grid[1] - grid[0])
+    out = []
+    for xi in x:
+        xb = xi.expand(len(pts[0]), -1)
+        with torch.no_grad():
+            lj = model.log_joint(xb, pts).double()
+        out.append(torch.logsumexp(lj, 0) + L * math.log(dz))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("inference,latent_sizes", [("ladder", (1,)), ("bottom_up", (1,)),
+                                                    ("ladder", (1, 1)), ("bottom_up", (1, 1))])
+@pytest.mark.slow  # log p(x) by quadrature over a grid of every latent, for 4 models
+def test_iw_bound_converges_to_exact_log_likelihood(inference, latent_sizes):
+    model = _tiny(inference, latent_sizes)
+    x = torch.bernoulli(torch.full((3, 6), 0.5), generator=torch.Generator().manual_seed(1))
+    grid = torch.linspace(-9, 9, 1801 if len(latent_sizes) == 1 else 361)
+    log_px = _log_px_quadrature(model, x, grid)
+    g = torch.Generator().manual_seed(2)
+    l_k = lvae.iw_bound(model, x, 20_000, chunk_size=4096, generator=g).double()
+    elbo = torch.stack([lvae.elbo(model, x, generator=g) for _ in range(2000)]).double().mean(0)
+    assert torch.all(elbo < log_px - 0.1), (elbo, log_px)  # the ELBO is a strictly looser bound here
+    assert torch.allclose(l_k, log_px, atol=0.03), (l_k, log_px)  # L_K -> log p(x); 0.03 ~ 3 Monte-Carlo SE
+
+
+def test_iw_bound_is_non_decreasing_in_k_on_average():
+    model = _tiny("bottom_up", (2, 2), batch_norm=True, x_dim=10)
+    x = torch.bernoulli(torch.full((20, 10), 0.3), generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    means = []
+    for k in (1, 4, 16, 64, 256):
+        means.append(torch.stack([lvae.iw_bound(model, x, k, generator=g) for _ in range(20)]).mean().item())
+    assert all(b >= a - 0.02 for a, b in zip(means, means[1:])), means
+    assert means[-1] > means[0] + 0.1, means  # and it really gets tighter
+
+
+def test_iw_bound_chunking_and_seed():
+    model = _tiny("ladder", (2,), batch_norm=True)
+    x = torch.bernoulli(torch.full((5, 6), 0.5), generator=torch.Generator().manual_seed(0))
+    a = lvae.iw_bound(model, x, 5000, chunk_size=300, generator=torch.Generator().manual_seed(7))
+    b = lvae.iw_bound(model, x, 5000, chunk_size=300, generator=torch.Generator().manual_seed(7))
+    c = lvae.iw_bound(model, x, 5000, chunk_size=None, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b)  # deterministic given the seed
+    assert torch.allclose(a, c, atol=0.05)  # chunk size only changes Monte-Carlo noise
+    assert lvae.iw_bound(model, x, 1).shape == (5,)
+
+
+def test_iw_bound_with_k1_is_the_sampled_elbo():
+    model = _tiny("ladder", (3, 2))
+    x = torch.bernoulli(torch.full((4, 6), 0.5), generator=torch.Generator().manual_seed(0))
+    a = lvae.iw_bound(model, x, 1, generator=torch.Generator().manual_seed(3))
+    b = lvae.elbo(model, x, analytic_kl=False, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(a, b, atol=1e-5)
