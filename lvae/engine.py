@@ -163,7 +163,7 @@ class Stepper:
         for static, e in zip(self._eps, eps):
             static.copy_(e)
         self._graph.replay()
-        return self._loss.clone()
+        return self._graph_loss.clone()
 
     @contextlib.contextmanager
     def preserved_state(self):
@@ -193,7 +193,7 @@ class Stepper:
                     self.eager_step(self._x, self._eps)
             torch.cuda.current_stream(self.device).wait_stream(side)
             with torch.cuda.graph(graph):
-                self._loss = self.eager_step(self._x, self._eps)
+                self._graph_loss = self.eager_step(self._x, self._eps)
         self._graph = graph
 
 
