@@ -134,7 +134,7 @@ def iw_bound_batched(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk_size
     running their kernels on one core each (~8% faster on this 2-core CPU than two intra-op threads:
     the samples' small elementwise kernels scale poorly). On other devices a batch is one piece of
     work (``rows`` None) on one thread, whatever ``workers`` says. Results agree with the plain
-    loop, for any ``workers`` and ``rows``, up to floating-point rounding (``tests/test_speed.py``).
+    loop, for any ``workers`` and ``rows``, up to floating-point rounding (``tests/test_bounds.py``).
     """
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k={k!r} must be >= 1 "

@@ -5,7 +5,7 @@ tensors in the 5-layer models): ~5 ms of a ~35 ms training step is launch overhe
 :class:`FlatAdam` moves the parameters, their gradients and the two moment estimates into four flat
 buffers and makes every ``p``, ``p.grad``, ``state[p]["exp_avg"]`` and ``state[p]["exp_avg_sq"]`` a
 view into them. An Adam step is then the same elementwise arithmetic on one long tensor (bitwise
-identical to the per-tensor loop: ``tests/test_speed.py``), and so is clipping, except for the
+identical to the per-tensor loop: ``tests/test_optim.py``), and so is clipping, except for the
 per-tensor norms of ``clip_grad_norm_``, which are kept so the total norm rounds the same way.
 
 Autograd accumulates into the existing ``p.grad`` views, so :meth:`FlatAdam.zero_grad` zeroes the

@@ -1,6 +1,9 @@
 """Helpers shared by several test modules."""
 import torch
 
+from lvae.config import ModelConfig, TrainConfig
+from lvae.train import train_step
+
 
 def same(a, b) -> bool:
     """Bit-for-bit equality of nested checkpoints / metrics (tensors compared exactly, with dtype)."""
@@ -11,3 +14,19 @@ def same(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def small_config(inference="ladder", bn=True, **kw):
+    return ModelConfig(x_dim=30, latent_sizes=(8, 4, 2), hidden_sizes=(20, 12, 6), inference=inference,
+                       batch_norm=bn, **kw)
+
+
+def library_steps(model, opt, n=6, seed=0, cfg=TrainConfig()):
+    """The library's own step (lvae.train.train_step) on six fixed random batches of 16 binary images of 30 pixels."""
+    g = torch.Generator().manual_seed(seed)
+    gx = torch.Generator().manual_seed(seed + 1)
+    for _ in range(n):
+        x = (torch.rand(16, 30, generator=gx) < 0.4).float()
+        train_step(model, opt, x, 0.7, cfg, g)
+    return [p.detach().clone() for p in model.parameters()]
+

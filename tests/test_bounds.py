@@ -9,6 +9,7 @@ import torch
 import lvae
 from lvae.bounds import _log_weights, iw_bound, training_bound
 from lvae.layers import Dense
+from helpers import small_config
 
 
 def _linear_gaussian(inference: str, seed: int = 2):
@@ -193,3 +194,58 @@ def test_iw_bound_with_k1_is_the_sampled_elbo():
     a = lvae.iw_bound(model, x, 1, generator=torch.Generator().manual_seed(3))
     b = lvae.elbo(model, x, analytic_kl=False, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def _generic_iw(model, x, k, chunk, g):
+    with torch.no_grad():
+        up = model.upward(x)
+        parts = [torch.logsumexp(_log_weights(model.forward_from(x, up, min(chunk, k - s), g)), 0)
+                 for s in range(0, k, chunk)]
+        return torch.logsumexp(torch.stack(parts), 0) - math.log(k)
+
+
+@pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
+@pytest.mark.parametrize("bn", [True, False])
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_iw_fast_path_matches_generic_path(inference, bn, likelihood):
+    torch.manual_seed(0)
+    model = lvae.build_model(small_config(inference, bn, likelihood=likelihood))
+    x = torch.rand(64, 30)
+    if likelihood == "bernoulli":
+        x = (x < 0.4).float()
+    model.train()
+    with torch.no_grad():  # non-trivial batch-norm population statistics
+        for _ in range(3):
+            model(x, 1, torch.Generator().manual_seed(5))
+    model.eval()
+    a = _generic_iw(model, x[:10], 37, 8, torch.Generator().manual_seed(1))
+    b = iw_bound(model, x[:10], 37, 8, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-4)
+    if bn:  # batch norm left in training mode (batch statistics of each chunk): the ordinary layers
+        model.train()
+        a = _generic_iw(model, x[:10], 37, 8, torch.Generator().manual_seed(1))
+        b = iw_bound(model, x[:10], 37, 8, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-4)
+    assert not b.is_inference()
+    c = iw_bound(model, x[:10], 37, 37, torch.Generator().manual_seed(1))  # chunking changes only rounding
+    assert torch.isfinite(c).all()
+
+
+@pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
+def test_threaded_iw_equals_sequential(inference):
+    """iw_bound_batched with worker threads draws the same noise in the same order and computes each
+    batch with the same code: the numbers of one batch after another on one generator, to rounding."""
+    from lvae.bounds import iw_bound_batched
+
+    torch.manual_seed(0)
+    model = lvae.build_model(small_config(inference)).eval()
+    x = (torch.rand(23, 30, generator=torch.Generator().manual_seed(2)) < 0.4).float()
+    g = torch.Generator().manual_seed(1)
+    seq = torch.cat([iw_bound(model, x[s:s + 5], 37, 8, g) for s in range(0, 23, 5)])
+    threads = torch.get_num_threads()
+    par = iw_bound_batched(model, x, 37, 8, 5, torch.Generator().manual_seed(1), workers=3, rows=16)
+    assert torch.get_num_threads() == threads  # restored
+    torch.testing.assert_close(par, seq, rtol=1e-5, atol=1e-5)
+    one = iw_bound_batched(model, x, 37, 8, 5, torch.Generator().manual_seed(1), workers=1, rows=16)
+    torch.testing.assert_close(one, seq, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one, par, rtol=1e-5, atol=1e-5)  # intra-op threads may round differently

@@ -10,6 +10,8 @@ import lvae.train
 from lvae.bounds import training_bound
 from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.engine import get_or_train
+from lvae import datasets
+from helpers import library_steps, small_config
 from lvae.models import build_model, draw_noise
 from lvae.train import (Objective, PrecisionError, bf16_matmul, check_precision, make_optimizer, objective_step,
                         train_step)
@@ -93,3 +95,49 @@ def test_bf16_without_fast_hardware_is_refused_with_the_fp32_alternative(tmp_pat
     check_precision(TrainConfig(precision="fp32"), "cpu")  # fp32 is never refused
     monkeypatch.setitem(lvae.train._BF16_FAST, "cpu", (True, "fast"))
     check_precision(cfg.train, "cpu")
+
+
+def test_bf16_mode_within_02_nats_of_fp32(tmp_path):
+    """The opt-in bf16 autocast mode: same short run, test L1 within 0.2 nats of fp32."""
+    data = datasets.load_dataset("synthetic", subset=512, test_subset=200)
+    ecfg = EvalConfig(every=4, iw_k=10, test_subset=200, train_subset=200)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        cfg = RunConfig(name=f"bf-{precision}", model=ModelConfig(x_dim=64, latent_sizes=(8, 4),
+                                                                  hidden_sizes=(64, 32)),
+                        train=TrainConfig(dataset="synthetic", subset=512, batch_size=64, warmup_epochs=2,
+                                          precision=precision))
+        run = get_or_train(cfg, 4, ecfg, root=tmp_path, device="cpu", progress=False, data=data)
+        out[precision] = run.last("test_L1")
+    assert abs(out["bf16"] - out["fp32"]) < 0.2, out
+
+
+def test_precision_field_keeps_existing_run_keys():
+    assert RunConfig("a").key == RunConfig("a", train=TrainConfig(precision="fp32")).key
+    assert RunConfig("a").key != RunConfig("a", train=TrainConfig(precision="bf16")).key
+    with pytest.raises(lvae.config.ConfigError):
+        TrainConfig(precision="fp16")
+
+
+@pytest.mark.slow  # a real process, a book build or torch.compile
+def test_compiled_step_matches_eager_step():
+    """TrainConfig(compile=True): the same noise and the same objective, so a few steps from the same
+    start agree with the eager steps to floating-point rounding (fused kernels round differently).
+    The last, smaller batch of an epoch runs eagerly: one compiled graph per run."""
+    torch.manual_seed(0)
+    a = lvae.build_model(small_config())
+    torch.manual_seed(0)
+    b = lvae.build_model(small_config())
+    eager, comp = TrainConfig(batch_size=16), TrainConfig(batch_size=16, compile=True)
+    pa = library_steps(a, make_optimizer(a, eager), n=3, cfg=eager)
+    pb = library_steps(b, make_optimizer(b, comp), n=3, cfg=comp)
+    for x, y in zip(pa, pb):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    x = (torch.rand(16, 30, generator=torch.Generator().manual_seed(4)) < 0.4).float()
+    from lvae.models import draw_noise
+    from lvae.train import compiled_objective
+    eps = draw_noise(b.config, 1, 16, g1, "cpu")
+    la = -training_bound(b, x, 0.7, 1, 1, True, g2).mean()
+    lb = compiled_objective(b, comp)(x, torch.tensor(0.7), eps)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
