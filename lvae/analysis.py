@@ -29,6 +29,7 @@ __all__ = [
     "SeedMean", "seed_mean", "iw_k", "lk_images", "lk_counts", "grid_estimates", "grid_table", "best_model",
     "run_contrast", "difference", "headline",
     "grid_rows", "active_unit_rows", "table1_rows", "budget_runs", "budget_rows", "budget_differences",
+    "full_test_lk_rows",
     "learning_curves",
     "layer_kl", "test_data",
 ]
@@ -670,6 +671,30 @@ def budget_rows(budgets: dict[str, dict[Key, Any]], variants: Sequence[str] = BU
 
 
 BUDGET_COLUMNS = ("model", "profile", "epochs", "seeds", "train L1", "test L1", "test L_K")
+
+
+def full_test_lk_rows(budgets: dict[str, dict[Key, Any]], ref: str = "lvae_bn_wu") -> list[dict[str, Any]]:
+    """One row per run (of every profile in ``budgets``, as :func:`budget_runs` gives) whose final
+    weights have an L_K on all the test images its L1 covers (10,000 on MNIST): that L_K with its
+    test-image s.e., and ``ref`` of the same profile and seed minus it, paired image by image when
+    both stored per-image values on those images (a 95 % CI over the test images: one seed)."""
+    rows = []
+    for name, runs in budgets.items():
+        for (variant, depth, seed), run in runs.items():
+            n = final(run, "n_test")
+            lk = best_lk(run, n) if n else None
+            if lk is None or lk["n"] != n:
+                continue
+            other = runs.get((ref, depth, seed))
+            diff, how = None, ""
+            if variant != ref and other is not None and n in lk_counts(other, lk["k"]):
+                diff, how = run_contrast([(1.0, [other]), (-1.0, [run])], "test_LK", lk["k"], n)
+            rows.append({"profile": name, "model": model_label(run, f"{VARIANTS[variant]['label']}-{depth}"),
+                         "seed": seed, "epochs": run.epochs, f"L{lk['k']}": lk["value"], "s.e. (images)": lk["se"],
+                         "test images": n, f"{VARIANTS[ref]['label']} − this": None if diff is None else
+                         f"{diff.text()} ({'paired' if how.startswith('paired') else 'unpaired'})",
+                         "source": lk["source"]})
+    return rows
 
 
 def budget_differences(budgets: dict[str, dict[Key, Any]], a: str = "lvae_bn_wu", b: str = "vae_bn_wu"

@@ -351,3 +351,25 @@ def test_kl_per_unit_averages_samples_towards_the_monte_carlo_value(inference):
     if inference == "ladder":  # the LVAE's top layer: q(z_L|x) against N(0, I), no sampling at all
         mu, var = model.upward(x)[-1]
         assert torch.allclose(many[-1], kl_standard_normal(mu, var).mean(0))
+
+
+def test_full_test_lk_rows_list_models_with_lk_on_every_test_image():
+    """Only runs with an L_K on all the test images their L1 covers get a row; the difference to the
+    reference LVAE of the same budget and seed is paired per image when both have per-image values."""
+    g = np.random.default_rng(0)
+    a = g.normal(-90.5, 5.0, 10_000)
+    b = a - 0.4 + g.normal(0.0, 1.0, 10_000)
+    runs = {("lvae_bn_wu", 5, 0): SeedRun(-98.0, lk=-89.0, evals=[_eval(float(a.mean()), 10_000, 600.0)],
+                                          per_image={"test_LK": a, "n": 10_000}),
+            ("vae_bn_wu", 5, 0): SeedRun(-98.5, lk=-89.5, evals=[_eval(float(b.mean()), 10_000, 600.0)],
+                                         per_image={"test_LK": b, "n": 10_000}),
+            ("vae", 5, 0): SeedRun(-99.0, lk=-90.0),  # L_K on 500 test images only
+            ("vae_bn", 5, 0): None}
+    rows = analysis.full_test_lk_rows({"cpu": runs})
+    assert [(r["model"], r["test images"]) for r in rows] == [("LVAE+BN+WU-5", 10_000), ("VAE+BN+WU-5", 10_000)]
+    assert rows[0]["LVAE+BN+WU − this"] is None and rows[0]["L5000"] == float(a.mean())
+    want = stats.contrast([(1.0, [a]), (-1.0, [b])])
+    assert rows[1]["LVAE+BN+WU − this"] == f"{want.text()} (paired)"
+    # without per-image values the difference is the unpaired one, and says so
+    runs[("vae_bn_wu", 5, 0)]._per_image = None
+    assert analysis.full_test_lk_rows({"cpu": runs})[1]["LVAE+BN+WU − this"].endswith("(unpaired)")
