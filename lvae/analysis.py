@@ -692,8 +692,7 @@ def full_test_lk_rows(budgets: dict[str, dict[Key, Any]], ref: str = "lvae_bn_wu
             rows.append({"profile": name, "model": model_label(run, f"{VARIANTS[variant]['label']}-{depth}"),
                          "seed": seed, "epochs": run.epochs, f"L{lk['k']}": lk["value"], "s.e. (images)": lk["se"],
                          "test images": n, f"{VARIANTS[ref]['label']} − this": None if diff is None else
-                         f"{diff.text()} ({'paired' if how.startswith('paired') else 'unpaired'})",
-                         "source": lk["source"]})
+                         f"{diff.text()} ({'paired' if how.startswith('paired') else 'unpaired'})"})
     return rows
 
 
