@@ -22,6 +22,7 @@ each stack's full-batch step -- forward, backward, clipping, Adam -- is captured
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import os
@@ -102,7 +103,7 @@ def epoch_inputs(data: datasets.ImageData, epoch: int, configs: Sequence[RunConf
 
 
 # -- step strategies -------------------------------------------------------------------------------
-class Stepper:
+class Stepper(abc.ABC):
     """A stack's training step (subclasses: :class:`SingleModel`, :class:`GridTrainer`), with its
     beta ``[M]`` as a device tensor and, on CUDA, the full-batch step captured as a CUDA graph."""
 
@@ -119,13 +120,13 @@ class Stepper:
         self._graph: torch.cuda.CUDAGraph | None = None
 
     # what a subclass provides
+    @abc.abstractmethod
     def eager_step(self, x: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
         """One Adam step of every model; ``x`` [M, B, D], ``eps`` [M, k, B, d] each; returns the losses [M]."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def buffers(self) -> list[torch.Tensor]:
         """The model buffers a step changes (batch-norm statistics)."""
-        raise NotImplementedError
 
     def sync_to_models(self) -> None:
         """Make each nn.Module hold its current weights (for evaluation and checkpoints)."""
@@ -133,17 +134,17 @@ class Stepper:
     def sync_buffers_from_models(self) -> None:
         """Carry on the buffers an evaluation recomputed in the nn.Modules (batch-norm statistics)."""
 
+    @abc.abstractmethod
     def optimizer_of(self, i: int) -> torch.optim.Optimizer:
         """Model i's optimizer (for its checkpoint)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finite(self) -> torch.Tensor:
         """[M] bool: whether each model's parameters are all finite."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def nonfinite_parameters(self, i: int) -> list[str]:
         """Names of model i's parameters that hold a non-finite value."""
-        raise NotImplementedError
 
     # the shared part
     def set_epoch(self, betas: Sequence[float], lr: float) -> None:
