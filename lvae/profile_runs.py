@@ -53,8 +53,7 @@ def seed_runs(profile: Profile | str, variant: str, depth: int, *, progress: boo
     (``lvae train --profile NAME --seed S``, or imported from another machine).
     """
     p = load_profile(profile) if isinstance(profile, str) else profile
-    return {s: get_run(p, variant, depth, s, progress=progress, root=root) if s == p.seeds[0] or train_all
-            else find_run(p, variant, depth, s, root) for s in p.seeds}
+    return {s: _trained_or_found(p, variant, depth, s, train_all, progress, root) for s in p.seeds}
 
 
 def grid_runs(profile: Profile | str, *, progress: bool = True, root: str | os.PathLike | None = None,
@@ -67,8 +66,16 @@ def grid_runs(profile: Profile | str, *, progress: bool = True, root: str | os.P
     if p.trainer == "grid":  # train every missing model at once, stacked; a failed one shows as failed below
         with contextlib.suppress(NonFiniteLossError):
             train_profile(p, seeds if train_all else seeds[:1], root=root, progress=progress)
-    return {(v, d, s): get_run(p, v, d, s, progress=progress, root=root) if s == p.seeds[0] or train_all
-            else find_run(p, v, d, s, root) for s in seeds for v in p.variants for d in p.depths}
+    return {(v, d, s): _trained_or_found(p, v, d, s, train_all, progress, root)
+            for s in seeds for v in p.variants for d in p.depths}
+
+
+def _trained_or_found(p: Profile, variant: str, depth: int, seed: int, train_all: bool, progress: bool, root):
+    """The profile's first seed (every seed with ``train_all``) trained when missing; any other seed
+    read when present, else None."""
+    if seed == p.seeds[0] or train_all:
+        return get_run(p, variant, depth, seed, progress=progress, root=root)
+    return find_run(p, variant, depth, seed, root)
 
 
 def train_profile(profile: Profile | str, seeds: Sequence[int] | None = None, *,
