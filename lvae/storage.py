@@ -253,5 +253,23 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """This machine's CPU as /proc/cpuinfo names it, with the vector extensions that decide the
+    numbers of a float32 step (e.g. ``"AMD EPYC 9R14 (avx512, avx512_bf16)"``)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    ext = [f for f in ("avx512f", "avx512_bf16", "amx_tile", "avx2") if f in flags]
+    ext = ["avx512" if f == "avx512f" else "amx" if f == "amx_tile" else f for f in ext]
+    if "avx512" in ext:
+        ext = [f for f in ext if f != "avx2"]
+    return f"{name} ({', '.join(ext)})" if ext else name
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

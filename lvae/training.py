@@ -22,7 +22,7 @@ from .models import HierarchicalVAE, build_model, format_1_state_dict
 from .runs import (_LOCKED_FILES, CHECKPOINT, FORMAT_VERSION, SANE_CHECKPOINT, WEIGHTS_FP16, Run, RunDamagedError,
                    _load_state, _with_digest, check_run_name, load_checkpoint, open_run)
 from .storage import (_DISK_FULL, RunError, _disk_error, _fsync_dir, _now, _tmp_path, atomic_torch_save,
-                      atomic_write_bytes, atomic_write_json, device_description, git_commit, read_jsonl, write_jsonl)
+                      atomic_write_bytes, atomic_write_json, cpu_model, device_description, git_commit, read_jsonl, write_jsonl)
 from .train import make_optimizer
 
 
@@ -112,6 +112,11 @@ def mark_running(path: Path, prov: dict[str, Any], seed: int, dev: torch.device,
                  "torch": torch.__version__, "python": sys.version.split()[0], "lvae_format": FORMAT_VERSION,
                  "epochs": start, "target_epochs": epochs, **extra, **git_commit()})
     prov.pop("error", None)
+    # one record per process that trained the run: a resume on another CPU or at another thread
+    # count is valid but not bit-identical to an uninterrupted run, so the record says where each part ran
+    prov.setdefault("sessions", []).append({"started": _now(), "from_epoch": start, "cpu": cpu_model(),
+                                            "threads": torch.get_num_threads(), "pid": os.getpid(),
+                                            "git_commit": git_commit()["git_commit"]})
     prov.setdefault("started", _now())
     prov.setdefault("wall_seconds", 0.0)
     atomic_write_json(path / "provenance.json", prov)
