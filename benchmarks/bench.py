@@ -5,8 +5,9 @@
     python benchmarks/bench.py --only step,iw  # sections: peak, step, epoch, iw, grid, bf16, book, gpu
 
 The ``gpu`` section runs only where CUDA is present (it names the card): the LVAE-5 step at batch 256
-as the eager step (lvae.train.train_step), the engine's step (pre-drawn inputs, lvae.engine) and the
-engine's step captured as a CUDA graph, then grid groups (3 and 6 stacked models) eager and captured.
+as the eager step (lvae.train.train_step), then the engine's step (pre-drawn inputs, lvae.engine) in whole
+epochs with the prefetch thread on, as training runs it: one model in fp32 and bf16, eager and captured as a
+CUDA graph, then grid groups (3 and 6 stacked models) eager and captured, and 6 in bf16 captured.
 
 Everything is measured in one process, reference and library interleaved and repeated, and the
 median is reported, because the machine may be shared: the load average is printed with every
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,7 +42,7 @@ import lvae  # noqa: E402
 from lvae import data as datasets  # noqa: E402
 from lvae.bounds import iw_bound, iw_bound_batched  # noqa: E402
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from lvae.datasets import load_dataset  # noqa: E402
+from lvae.datasets import MNIST_FILES, data_dir, load_dataset  # noqa: E402
 from lvae.engine import GridTrainer, SingleModel, epoch_inputs, get_or_train, run_epoch  # noqa: E402
 from lvae.grid import train_grid  # noqa: E402
 from lvae.models import draw_noise  # noqa: E402
@@ -354,9 +356,45 @@ def _cuda_ms(fn, steps: int, reps: int) -> float:
     return med(times)
 
 
+def _gpu_data():
+    """MNIST when its files are on disk (``$LVAE_DATA``: the GPU machine has no network), else random images of
+    MNIST's size (the same timings: the step does not look at the pixels' values)."""
+    if all((data_dir() / "mnist" / f).is_file() for f in MNIST_FILES):
+        return load_dataset("mnist"), "MNIST"
+    g = torch.Generator().manual_seed(0)
+    return (datasets.ImageData("mnist", torch.rand(60_000, 784, generator=g), None,
+                               (torch.rand(10_000, 784, generator=g) < 0.5).float(), None, (28, 28), "bernoulli"),
+            "random images of MNIST's size (no MNIST under $LVAE_DATA)")
+
+
+def _epoch_ms(stepper, data, cfgs, dev, reps: int) -> float:
+    """Median ms per step over ``reps`` epochs run as lvae.engine.train_stack runs them: beta and lr set, a due
+    capture, then the next epoch's inputs prepared on the prefetch thread while the epoch's steps run (the first
+    epoch, which captures, is not timed)."""
+    n = len(cfgs)
+    times = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        inputs = epoch_inputs(data, 0, cfgs, dev)
+        for e in range(reps + 1):
+            stepper.set_epoch([0.5] * n, cfgs[0].train.lr)
+            stepper.prepare(inputs.batch(0), inputs.eps[0])
+            nxt = pool.submit(epoch_inputs, data, e + 1, cfgs, dev)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run_epoch(stepper, inputs)
+            end.record()
+            torch.cuda.synchronize()
+            if e:
+                times.append(start.elapsed_time(end) / inputs.steps)
+            inputs = nxt.result()
+    return med(times)
+
+
 def bench_gpu(steps: int, reps: int) -> list[dict]:
-    """LVAE-5 at batch 256 on the GPU: the eager step, the engine's step and its CUDA graph, and grid
-    groups of 3 and 6 models, eager and captured (a grid row: the group's step, and per model)."""
+    """LVAE-5 at batch 256 on the GPU: the plain eager step (lvae.train.train_step) per step, then the engine's
+    step in whole MNIST epochs with the prefetch thread on, as training runs it: one model and grid groups of 3 and
+    6, eager and captured as a CUDA graph, fp32 and bf16 (a grid row: the group's step, and per model). A row that
+    fails is printed and stored with its error, and the others go on (the section is meant for a first GPU run)."""
     if not torch.cuda.is_available():
         print("[gpu] skipped: no CUDA device")
         return []
@@ -365,8 +403,10 @@ def bench_gpu(steps: int, reps: int) -> list[dict]:
     OUT["machine"]["gpu"] = card
     fast, why = bf16_matmul(dev)
     print(f"[gpu] {card}; bf16 {'fast' if fast else 'not fast'}: {why}   ({load()})")
+    data, what = _gpu_data()
+    print(f"[gpu] epochs of {len(data.x_train)} {what}, {datasets.num_batches(len(data.x_train), 256)} steps each, "
+          f"{reps} timed after one that captures, prefetch thread on")
     mcfg = ModelConfig.paper(5, inference="ladder")
-    x = (torch.rand(256, 784, generator=torch.Generator().manual_seed(1)) < 0.3).float().to(dev)
 
     def models(n):
         out = []
@@ -375,41 +415,61 @@ def bench_gpu(steps: int, reps: int) -> list[dict]:
             out.append(lvae.build_model(mcfg).to(dev))
         return out
 
-    def inputs(n):
-        g = torch.Generator(device=dev).manual_seed(0)
-        return x.unsqueeze(0).expand(n, *x.shape), [e.unsqueeze(0).expand(n, *e.shape).contiguous()
-                                                    for e in draw_noise(mcfg, 1, 256, g, dev)]
+    def configs(n, precision):
+        return [RunConfig(name=f"gpu-{s}", model=mcfg, train=TrainConfig(seed=s, precision=precision))
+                for s in range(n)]
 
-    cfg = TrainConfig()
-    run_cfgs = [RunConfig(name=f"gpu-{s}", model=mcfg, train=TrainConfig(seed=s)) for s in range(6)]
-    (m,) = models(1)
-    opt = make_optimizer(m, cfg)
-    g = generator(dev, "noise", 0, 0)
-    fns = {"eager step (lvae.train.train_step)": (1, lambda: train_step(m, opt, x, 0.5, cfg, g))}
-    for name, graph in (("engine step", False), ("engine step, CUDA graph", True)):
-        (mm,) = models(1)
-        st = SingleModel(mm, make_optimizer(mm, cfg, capturable=graph), run_cfgs[0], dev, cuda_graph=graph)
-        st.set_epoch([0.5], cfg.lr)
-        xb, eps = inputs(1)
-        fns[name] = (1, lambda st=st, xb=xb, eps=eps: st.step(xb, eps))
-    for n in (3, 6):
-        for graph in (False, True):
-            st = GridTrainer(models(n), run_cfgs[:n], dev, cuda_graph=graph)
-            st.set_epoch([0.5] * n, cfg.lr)
-            xb, eps = inputs(n)
-            fns[f"grid of {n}{', CUDA graph' if graph else ''}"] = (n, lambda st=st, xb=xb, eps=eps: st.step(xb, eps))
-    for _, f in fns.values():  # warm-up (and capture)
-        for _ in range(5):
-            f()
-    torch.cuda.synchronize()
-    rows, base = [], None
-    for name, (n, f) in fns.items():
-        ms = _cuda_ms(f, steps, reps)
+    rows = []
+
+    def row(name, n, fn):
+        nonlocal base
+        try:
+            ms = fn()
+        except Exception as e:  # noqa: BLE001 -- report and go on
+            print(f"    {name:40s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            rows.append({"what": f"GPU train step LVAE-5 (batch 256), {card}", "impl": name, "ms": None,
+                         "error": f"{type(e).__name__}: {e}"[:2000]})
+            return
+        finally:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
         base = base or ms
         rows.append({"what": f"GPU train step LVAE-5 (batch 256), {card}", "impl": name, "ms": ms,
-                     "ms_per_model": ms / n, "ratio": ms / n / base})
-        print(f"    {name:36s} {ms:7.2f} ms per step, {ms / n:6.2f} ms per model step, x{ms / n / base:5.2f} of eager")
+                     "ms_per_model": ms / n, "ratio": ms / n / base, "prefetch": name != EAGER})
+        print(f"    {name:40s} {ms:7.2f} ms per step, {ms / n:6.2f} ms per model step, x{ms / n / base:5.2f} of eager")
+
+    base = None
+    cfg = TrainConfig()
+    x = (torch.rand(256, 784, generator=torch.Generator().manual_seed(1)) < 0.3).float().to(dev)
+
+    def plain():
+        (m,) = models(1)
+        opt, g = make_optimizer(m, cfg), generator(dev, "noise", 0, 0)
+        for _ in range(5):
+            train_step(m, opt, x, 0.5, cfg, g)
+        return _cuda_ms(lambda: train_step(m, opt, x, 0.5, cfg, g), steps, reps)
+
+    row(EAGER, 1, plain)
+    for precision in ("fp32", "bf16") if fast else ("fp32",):
+        for graph in (False, True):
+            def single(graph=graph, precision=precision):
+                cfgs = configs(1, precision)
+                (m,) = models(1)
+                st = SingleModel(m, make_optimizer(m, cfgs[0].train, capturable=graph), cfgs[0], dev, cuda_graph=graph)
+                return _epoch_ms(st, data, cfgs, dev, reps)
+
+            row(f"engine step{' bf16' if precision == 'bf16' else ''}{', CUDA graph' if graph else ''}", 1, single)
+    for n, precision, graph in ((3, "fp32", False), (3, "fp32", True), (6, "fp32", False), (6, "fp32", True),
+                                *(((6, "bf16", True),) if fast else ())):
+        def grid(n=n, precision=precision, graph=graph):
+            cfgs = configs(n, precision)
+            return _epoch_ms(GridTrainer(models(n), cfgs, dev, cuda_graph=graph), data, cfgs, dev, reps)
+
+        row(f"grid of {n}{' bf16' if precision == 'bf16' else ''}{', CUDA graph' if graph else ''}", n, grid)
     return rows
+
+
+EAGER = "eager step (lvae.train.train_step)"
 
 
 # -- the cached book rebuild -------------------------------------------------------------------------------

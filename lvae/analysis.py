@@ -31,7 +31,7 @@ __all__ = [
     "grid_rows", "active_unit_rows", "table1_rows", "budget_runs", "budget_rows", "budget_differences",
     "full_test_lk_rows",
     "learning_curves",
-    "layer_kl", "test_data",
+    "layer_kl", "test_data", "RunAtEpoch", "at_epoch", "run_kl_units", "run_active_units",
 ]
 
 
@@ -102,6 +102,50 @@ def lk_counts(run, k: int | None = None) -> set[int | None]:
     """The test-image counts on which a run's final weights have an L_K (with ``k`` importance
     samples; any when None): the ``n`` that :func:`best_lk` accepts."""
     return {c["n"] for c in _lk_candidates(run) if k is None or c["k"] == k}
+
+
+class RunAtEpoch(Run):
+    """A run read as it stood at ``epoch`` (a budget is a profile and an epoch): its metrics up to that
+    epoch, its evaluations and per-image values of that epoch, complete when the run reached that epoch
+    with an evaluation there. A run that failed or is damaged stays so (a failed run is never a number,
+    even from before it failed)."""
+
+    def __init__(self, run: Run, epoch: int):
+        super().__init__(run.path)
+        self.base, self.at = run, int(epoch)
+
+    def __repr__(self) -> str:
+        return f"RunAtEpoch({self.name!r}, epoch={self.at}, status={self.status!r})"
+
+    @property
+    def epochs(self) -> int:
+        return min(self.at, self.base.epochs)
+
+    def metrics(self) -> list[dict]:
+        return [r for r in self.base.metrics() if r.get("epoch", 0) <= self.at]
+
+    def evals(self) -> list[dict]:
+        return [r for r in self.base.evals() if r.get("epoch", 0) <= self.at]
+
+    @property
+    def status(self) -> str:
+        status = self.base.status
+        if status in ("failed", "damaged"):
+            return status
+        if self.base.epochs >= self.at and any(r.get("epoch") == self.at for r in self.metrics()):
+            return "complete"
+        return "partial" if status == "complete" else status
+
+    def damage(self) -> str | None:
+        return self.base.damage()
+
+
+def at_epoch(run, epoch: int | None):
+    """``run`` as it stood at ``epoch`` (:class:`RunAtEpoch`); the run itself when ``epoch`` is None or
+    its own final epoch."""
+    if run is None or epoch is None or (run.epochs == epoch and not isinstance(run, RunAtEpoch)):
+        return run
+    return RunAtEpoch(getattr(run, "base", run), epoch)
 
 
 def model_label(run, label: str) -> str:
@@ -440,16 +484,14 @@ def grid_rows(runs: dict, variants: Sequence[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def active_unit_counts(runs: dict, variants: Sequence[str], depth: int,
-                       kl_units: dict[Key, Sequence[Sequence[float]]] | None = None
-                       ) -> dict[str, dict[str, SeedMean]]:
+def active_unit_counts(runs: dict, variants: Sequence[str], depth: int) -> dict[str, dict[str, SeedMean]]:
     """{variant: {"z1": active units of z1, ..., "z<depth>": ..., "total": over the layers}} as
-    :class:`SeedMean` over every seed in ``runs``; the per-unit KL of each run is ``kl_units[key]``
-    where given (e.g. recomputed from the weights, :func:`lvae.probes.kl_units_from_weights`), else
-    the one stored by training."""
+    :class:`SeedMean` over every seed in ``runs``, from the per-unit KL stored by training
+    (:func:`run_active_units`): the one source of active units for every chapter and for
+    :mod:`lvae.claims`."""
     out = {}
     for v in variants:
-        per, missing, _ = _kl_units_by_seed(runs, v, depth, kl_units)
+        per, missing = _kl_units_by_seed(runs, v, depth)
         per_seed = {s: active_units(kl) for s, kl in per.items()}
         per_seed = {s: act + [sum(act)] for s, act in per_seed.items()}
         names = [f"z{i + 1}" for i in range(depth)] + ["total"]
@@ -459,31 +501,37 @@ def active_unit_counts(runs: dict, variants: Sequence[str], depth: int,
     return out
 
 
-def _kl_units_by_seed(runs: dict, variant: str, depth: int, kl_units: dict[Key, Any] | None
-                      ) -> tuple[dict[int, Sequence[Sequence[float]]], dict[int, str], list[int]]:
-    """({seed: per-unit KL}, {seed: why it has none}, the seeds whose KL came from ``kl_units``) of
-    model (variant, depth) over every seed in ``runs``: ``kl_units[key]`` where given, else the KL
-    stored by training."""
-    per, missing, recomputed = {}, {}, []
+def run_kl_units(run) -> list[list[float]] | None:
+    """A complete run's final per-unit test KL as training stored it (None otherwise): the one source of
+    active units and of the layer-wise KL for the chapters and the claims."""
+    return final(run, "kl_units")
+
+
+def run_active_units(run) -> list[int] | None:
+    """Active units per layer of a complete run (:func:`run_kl_units`, :func:`active_units`)."""
+    kl = run_kl_units(run)
+    return None if kl is None else active_units(kl)
+
+
+def _kl_units_by_seed(runs: dict, variant: str, depth: int
+                      ) -> tuple[dict[int, Sequence[Sequence[float]]], dict[int, str]]:
+    """({seed: per-unit KL stored by training}, {seed: why it has none}) of model (variant, depth) over
+    every seed in ``runs``."""
+    per, missing = {}, {}
     for s in sorted({k[2] for k in runs}):
         key = (variant, depth, s)
-        kl = (kl_units or {}).get(key)
-        if kl is not None:
-            recomputed.append(s)
-        else:
-            kl = final(runs.get(key), "kl_units")
+        kl = run_kl_units(runs.get(key))
         if kl is None:
             missing[s] = run_state(runs.get(key))
             continue
         per[s] = kl
-    return per, missing, recomputed
+    return per, missing
 
 
-def active_unit_rows(runs: dict, variants: Sequence[str], depth: int,
-                     kl_units: dict[Key, Sequence[Sequence[float]]] | None = None) -> list[dict[str, Any]]:
+def active_unit_rows(runs: dict, variants: Sequence[str], depth: int) -> list[dict[str, Any]]:
     """Active units per layer (and in total) of each variant at ``depth``, mean over the seeds
     (see :func:`active_unit_counts`); layer sizes in the column names."""
-    counts = active_unit_counts(runs, variants, depth, kl_units)
+    counts = active_unit_counts(runs, variants, depth)
     sizes = run_config(variants[0], depth).model.latent_sizes if variants else ()
     rows = []
     for v in variants:
@@ -600,20 +648,17 @@ def upper_layer_share(kl_layers: Sequence[float]) -> float:
     return 100.0 * float(sum(kl_layers[1:])) / total if total > 0 else 0.0
 
 
-def layer_kl(runs: dict, variants: Sequence[str], depth: int,
-             kl_units: dict[Key, Sequence[Sequence[float]]] | None = None) -> dict[str, dict[str, Any]]:
+def layer_kl(runs: dict, variants: Sequence[str], depth: int) -> dict[str, dict[str, Any]]:
     """{variant: {"layers": KL per layer (mean over the seeds), "upper": :class:`SeedMean` of the
-    percentage above z1 (Fig 5), "recomputed": seeds whose KL came from ``kl_units``}}; a run's
-    per-unit KL is ``kl_units[key]`` where given, else the one stored by training."""
+    percentage above z1 (Fig 5)}}, from the per-unit KL stored by training (:func:`run_kl_units`)."""
     out = {}
     for v in variants:
-        kl_by_seed, missing, recomputed = _kl_units_by_seed(runs, v, depth, kl_units)
+        kl_by_seed, missing = _kl_units_by_seed(runs, v, depth)
         per = {s: [float(np.sum(layer)) for layer in kl] for s, kl in kl_by_seed.items()}
         shares = {s: upper_layer_share(lay) for s, lay in per.items()}
         out[v] = {"layers": np.mean(list(per.values()), axis=0).tolist() if per else None,
                   "upper": SeedMean("upper_share", shares, missing,
-                                    mean_ci(list(shares.values())) if shares else None, None, None),
-                  "recomputed": recomputed}
+                                    mean_ci(list(shares.values())) if shares else None, None, None)}
     return out
 
 

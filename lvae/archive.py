@@ -15,6 +15,7 @@ behind. A run already present with identical files is left as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -32,9 +33,9 @@ from typing import Any, Iterable
 
 from . import __version__
 from .config import ConfigError
-from .runs import (CHECKPOINT, FORMAT_VERSION, SANE_CHECKPOINT, Run, check_run_name, load_checkpoint, open_run,
-                   results_dir)
-from .storage import RunError, git_commit
+from .runs import (CHECKPOINT, FORMAT_VERSION, SANE_CHECKPOINT, WEIGHTS_FP16, Run, check_run_name, load_checkpoint,
+                   open_run, results_dir)
+from .storage import RunError, check_writable, git_commit
 
 ARCHIVE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -74,6 +75,12 @@ def _check_exportable(run: Run, with_checkpoint: bool) -> None:
     status = run.status
     if status == "damaged":
         raise ArchiveError(f"{run.name} is damaged: {run.error}")
+    fp16 = run.path / WEIGHTS_FP16
+    if status == "complete" and fp16.exists() and load_checkpoint(fp16).get("epoch") not in (None, run.epochs):
+        raise ArchiveError(f"{run.name}: its {WEIGHTS_FP16} holds the weights of epoch "
+                           f"{load_checkpoint(fp16).get('epoch')}, not those of its last epoch {run.epochs} (it was "
+                           f"stopped between two writes); resume it with the command that trained it (it rewrites "
+                           f"them from its {CHECKPOINT}), then export it")
     if status == "running":
         raise ArchiveError(f"{run.name} is being trained (pid {run.provenance.get('pid', '?')}); wait for it to "
                            f"finish, then export it")
@@ -90,7 +97,12 @@ def export_runs(names: Iterable[str | os.PathLike], archive: str | os.PathLike, 
     The archive is written to a temp file and renamed into place. Refuses (ArchiveError, naming the
     fix) a run that is being trained, is damaged, or whose config does not hash to its folder name.
     """
+    if not str(archive).strip():
+        raise ArchiveError("the archive name is empty; give the file to write, e.g. -o runs.tar")
     archive = Path(archive)
+    if archive.is_dir():
+        raise ArchiveError(f"{archive} is a folder; give the archive file to write, e.g. -o {archive / 'runs.tar'}")
+    check_writable(archive.parent, "give -o a file in an existing, writable folder")  # before reading any run
     runs: dict[Path, Run] = {}
     for name in names:
         run = open_run(name, root)
@@ -123,7 +135,8 @@ def export_runs(names: Iterable[str | os.PathLike], archive: str | os.PathLike, 
             os.fsync(f.fileno())
         os.replace(tmp, archive)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise ArchiveError(f"cannot write {archive} ({e.strerror or e}); give -o a file in an existing, writable "
                            f"folder with free space") from None
     except BaseException:
@@ -293,7 +306,9 @@ def import_runs(archive: str | os.PathLike, *, root: str | os.PathLike | None = 
     was. Refused: a damaged archive (unreadable tar, a SHA-256 or size mismatch, a missing or
     unlisted file), unsafe paths, a run whose config does not hash to its folder name, a run that
     is not complete unless ``allow_incomplete``, and a run already in the registry with different
-    files. A run already there with identical files is left alone (``Imported.identical``).
+    files, unless the archived one is that run trained further (:func:`_extends`: more epochs, the
+    local evaluations as the prefix of its own), which replaces it. A run already there with
+    identical files is left alone (``Imported.identical``).
     """
     archive = Path(archive)
     if not archive.is_file():
@@ -317,11 +332,14 @@ def import_runs(archive: str | os.PathLike, *, root: str | os.PathLike | None = 
             identical = dest.exists()
             if identical:
                 differ = _differences(dest, entry)
-                if differ:
+                if differ and _extends(run, dest):  # the same run, trained further: it replaces the local one
+                    moves.append((dest, staging / f".replaced-{entry['name']}"))
+                    identical = False
+                elif differ:
                     raise ArchiveError(f"{entry['name']} already exists in {base} with other contents "
                                        f"({', '.join(differ)} differ or are missing there); move that run away or "
                                        f"delete it to replace it, or import into another registry with --out DIR")
-            else:
+            if not identical:
                 moves.append((run.path, dest))
             out.append(Imported(entry["name"], dest, run.status, run.epochs, identical))
         for src, dest in moves:
@@ -338,6 +356,33 @@ def import_runs(archive: str | os.PathLike, *, root: str | os.PathLike | None = 
         raise
     shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _extends(staged: Run, local: Path) -> bool:
+    """Whether the archived run ``staged`` is the local run at ``local`` trained further: more epochs,
+    the same configuration, the local evaluation rows (metrics.jsonl, evals.jsonl) as the prefix of
+    its own, and every other local file but the ones that follow the last epoch (provenance.json,
+    model-fp16.pt) present in it with the same bytes."""
+    try:
+        mine = Run(local)
+        if mine.damage() is not None or staged.epochs <= mine.epochs:
+            return False
+        if mine.config.to_dict() != staged.config.to_dict():
+            return False
+        for rows in ("metrics", "evals"):
+            have, new = getattr(mine, rows)(), getattr(staged, rows)()
+            if new[:len(have)] != have:
+                return False
+    except (RunError, OSError, ValueError):
+        return False
+    follows_last_epoch = {"provenance.json", "config.json", "metrics.jsonl", "evals.jsonl", WEIGHTS_FP16}
+    for f in local.iterdir():
+        if f.name in follows_last_epoch or f.name.startswith("."):
+            continue
+        twin = staged.path / f.name
+        if not f.is_file() or not twin.is_file() or _sha256(f) != _sha256(twin):
+            return False
+    return True
 
 
 def _remove_empty(created: list[Path]) -> None:

@@ -125,7 +125,7 @@ def execute_chapter(md_path: Path, out_path: Path, profile: str, params: dict[st
         first = src[0] if src else ""
         raise BookError(f"chapter {md_path.stem!r} failed in code cell [{e.exec_count}] (starting {first!r}): "
                         f"{e.ename}: {e.evalue} [partial notebook: {failed / (md_path.stem + '.ipynb')}]") from None
-    except Exception:
+    except BaseException:  # also Ctrl-C (KeyboardInterrupt): no partial notebook is left next to the chapters
         tmp_out.unlink(missing_ok=True)
         out_path.unlink(missing_ok=True)
         raise
@@ -310,5 +310,10 @@ def parse_params(items: Sequence[str]) -> dict[str, Any]:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise BookError(f"parameter {item!r} must be NAME=VALUE (e.g. epochs=3)")
-        out[name.strip()] = yaml.safe_load(value)
+        try:
+            out[name.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            why = str(getattr(e, "problem", None) or e).strip()
+            raise BookError(f"parameter {item!r}: {value!r} is not a YAML value ({why}); e.g. -p depths=[1,2] "
+                            f"or -p epochs=3") from None
     return out

@@ -58,7 +58,8 @@ SEEDS = (0, 1, 2)
 MILESTONES = (300, 1000, 2000)  # full evaluations and kept weights
 FIRST_BUDGET = 300  # every seed trains this far
 LONG_SEEDS = (0,)  # these go on to the paper's 2,000 epochs
-FULL_TEST_EPOCH = 2000  # L_5000 on all 10,000 test images
+FULL_TEST_EPOCH = 2000  # L_5000 on all test images
+FULL_TEST_IMAGES = 10000
 THREADS = 1  # torch threads per worker, the same at every resume
 WORKERS = 2
 MILESTONE_WEIGHTS = "model-fp16-e{epoch}.pt"
@@ -122,7 +123,7 @@ def _run(stage: Stage, root: Path) -> Run | None:
 def _full_test_eval(run: Run, epochs: int) -> dict | None:
     k = eval_config().iw_k
     return next((r for r in run.evals() if r.get("epoch") == epochs and r.get("iw_k") == k
-                 and r.get("n_iw") == r.get("n_test") == 10000), None)
+                 and r.get("n_iw") == r.get("n_test") == FULL_TEST_IMAGES), None)
 
 
 def stage_done(stage: Stage, root: Path | None = None) -> bool:
@@ -182,7 +183,8 @@ def work(root: Path | None = None, reverse: bool = False, threads: int = THREADS
         todo = [s for s in stages if not stage_done(s, root) and _ready(s, stages, root)]
         for stage in reversed(todo) if reverse else todo:
             if data is None and not stage.full_test:
-                data = load_dataset("mnist", test_seed=stage.config.train.test_seed)
+                tcfg = stage.config.train
+                data = load_dataset(tcfg.dataset, subset=tcfg.subset, test_seed=tcfg.test_seed)
             t0 = time.time()
             log(f"{time.strftime('%H:%M:%S')} start {stage.label()}")
             try:
@@ -190,6 +192,9 @@ def work(root: Path | None = None, reverse: bool = False, threads: int = THREADS
             except RunLockedError:
                 log(f"{stage.label()}: trained by another worker, skipped")
                 continue
+            if not stage_done(stage, root):  # a stage that cannot finish would be redone forever
+                raise RuntimeError(f"{stage.label()}: finished, but the run does not show it done ({run.status}, "
+                                   f"{run.epochs} epochs); see {run.path}")
             m = run.metrics()[-1] if run.metrics() else {}
             log(f"{time.strftime('%H:%M:%S')} done {stage.label()} in {time.time() - t0:.0f} s: "
                 f"test L1 {m.get('test_L1', float('nan')):.2f}")

@@ -14,6 +14,7 @@ the config field); run-time problems give exit 1 and a message that names the fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,8 +35,9 @@ from .experiments import DEPTHS, VARIANTS, run_config
 from .experiments import grid as named_grid
 from .grid import train_grid
 from .profiles import experiment, load_profile, profile_grid
-from .runs import CHECKPOINT, WEIGHTS_FP16, evaluate_run, list_runs, open_run, results_dir
+from .runs import CHECKPOINT, WEIGHTS_FP16, check_run_name, evaluate_run, open_run, registry_rows, results_dir
 from .storage import RunError
+from .training import check_init_from
 from .warmup import warmup_beta
 
 _SECTIONS = (("model", ModelConfig), ("train", TrainConfig), ("eval", EvalConfig))
@@ -88,8 +90,18 @@ def _converter(hint: Any):
         return lambda s: _parse_tuple(s, args[0])
     if type(None) in args:  # Optional[X]
         inner = next(a for a in args if a is not type(None))
-        return lambda s: None if s.lower() in ("none", "null", "") else inner(s)
+        return lambda s: None if s.lower() in ("none", "null") else _typed(s, inner)
     return hint
+
+
+def _typed(text: str, kind: type) -> Any:
+    """``text`` as an int or float; an empty or malformed value is refused (an empty one never means none)."""
+    try:
+        return kind(text)
+    except ValueError:
+        example = "1000" if kind is int else "0.001"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'} "
+                                         f"(e.g. {example})") from None
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -170,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="include checkpoint.pt (fp32 weights and Adam state, to resume training; large)")
     rx.add_argument("--out", default=argparse.SUPPRESS, help="results directory to read (default: $LVAE_RESULTS or "
                     "./results)")
-    ri = rs.add_parser("import", help="add the runs of an archive (lvae runs export) to the registry")
+    ri = rs.add_parser("import", help="add the runs of an archive (lvae runs export) to the registry",
+                       description="Add the runs of an archive (lvae runs export) to the registry. The archive's "
+                       "manifest is checked for integrity, not origin: its SHA-256 digests show that no file was "
+                       "damaged on the way, but anyone who edits a file can recompute its digest, so import only "
+                       "archives from a source you trust.")
     ri.add_argument("archive", help="the archive file")
     ri.add_argument("--out", default=argparse.SUPPRESS, help="results directory to add them to (default: "
                     "$LVAE_RESULTS or ./results)")
@@ -225,9 +241,14 @@ def _check_device(text: str | None) -> None:
 
 def _check_out(out: str | None, write: bool) -> None:
     """The registry folder (--out) must be a folder, or creatable as one (and writable to train)."""
+    fix = "give a folder for the run registry with --out DIR (it is created if missing)"
+    if out is not None and not str(out).strip():
+        raise ConfigError(f"--out is empty; {fix}")
     path = results_dir(out)
     what = f"--out {out}" if out is not None else f"the results folder {path}"
-    fix = "give a folder for the run registry with --out DIR (it is created if missing)"
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"{what} is a symbolic link to {os.readlink(path)}, which does not exist; create that "
+                          f"folder, or {fix}")
     existing = next(q for q in (path, *path.parents) if q.exists() or q == q.parent)
     if existing.exists() and not existing.is_dir():
         where = "is a file" if existing == path else f"lies under {existing}, which is a file"
@@ -306,11 +327,39 @@ def plan_train(ns: argparse.Namespace) -> TrainPlan:
         cfg = _with_warmup(run_config(ns.variant, ns.depth, model=model, **train), warmup)
         ecfg, epochs, keep = EvalConfig(**evals), ns.epochs, True
         source = "variant" if warmup is None else "option"
-    if ns.name:
+    if ns.name is not None:
+        check_run_name(ns.name)  # (an empty one too: it never means the default name)
         cfg = dataclasses.replace(cfg, name=ns.name)
     _check_dataset(cfg.train.dataset)
+    _check_eval_subsets(cfg.train, ecfg, evals)
     _check_warmup(cfg.train.warmup_epochs, epochs, source, f"--variant {ns.variant}")
     return TrainPlan(cfg, ecfg, epochs, keep, source)
+
+
+def _check_eval_subsets(tcfg: TrainConfig, ecfg: EvalConfig, given: dict[str, Any]) -> None:
+    """An --eval-iw-subset larger than the test images evaluated, or an --eval-train-subset larger
+    than the training set, would be cut silently: refused (the defaults are what they are)."""
+    if "iw_subset" in given and ecfg.iw_subset is not None:
+        n_test = ecfg.test_subset if ecfg.test_subset is not None else _dataset_sizes(tcfg.dataset)[1]
+        if n_test is not None and ecfg.iw_subset > n_test:
+            raise ConfigError(f"--eval-iw-subset {ecfg.iw_subset}: L_K is computed on the first of the {n_test:,} "
+                              f"test images evaluated; give at most {n_test} (or a larger --eval-test-subset)")
+    if "train_subset" in given and ecfg.train_subset is not None:
+        n_train = tcfg.subset if tcfg.subset is not None else _dataset_sizes(tcfg.dataset)[0]
+        if n_train is not None and ecfg.train_subset > n_train:
+            raise ConfigError(f"--eval-train-subset {ecfg.train_subset}: the training set has {n_train:,} images; "
+                              f"give at most {n_train} (or a larger --subset)")
+
+
+def _dataset_sizes(dataset: str) -> tuple[int | None, int | None]:
+    """(training, test) images of ``dataset`` (None where unknown: its data are not in the cache)."""
+    if dataset == "synthetic":
+        return datasets._SYNTHETIC_DEFAULT_SIZES
+    try:
+        full = datasets.load_dataset(dataset)
+    except datasets.DataError:
+        return None, None
+    return full.n_train, full.n_test
 
 
 def _check_dataset(name: str) -> None:
@@ -397,6 +446,9 @@ def _train(ns: argparse.Namespace) -> int:
     _check_device(ns.device)
     _check_out(ns.out, write=True)
     _check_sizes_fit(cfg.train.dataset, cfg.train.subset, ecfg.test_subset, "--subset", "--eval-test-subset")
+    path = results_dir(ns.out) / cfg.dir_name
+    if cfg.train.init_from and not (path / CHECKPOINT).exists():  # a fresh run: its parent, before its folder
+        check_init_from(cfg.train.init_from, results_dir(ns.out))
     run = get_or_train(cfg, plan.epochs, ecfg, root=ns.out, device=ns.device, progress=not ns.quiet,
                        save_fp16=plan.save_fp16)
     last = run.metrics()[-1] if run.metrics() else {}
@@ -438,6 +490,8 @@ def _check_cluster_options(ns: argparse.Namespace) -> None:
 
 
 def _runs_export(ns: argparse.Namespace) -> int:
+    if not ns.output.strip():
+        raise ConfigError("-o is empty; give the archive file to write, e.g. -o runs.tar")
     manifest = export_runs(ns.names, ns.output, root=ns.out, with_checkpoint=ns.with_checkpoint)
     n_files = sum(len(e["files"]) for e in manifest["runs"])
     size = sum(f["size"] for e in manifest["runs"] for f in e["files"].values())
@@ -465,9 +519,7 @@ def _runs(ns: argparse.Namespace) -> int:
     if ns.runs_command == "import":
         return _runs_import(ns)
     _check_out(ns.out, write=False)
-    rows = []
-    for run in list_runs(ns.out):
-        rows.append(run.summary())  # a failed run shows its error, never a number
+    rows = registry_rows(ns.out)  # a failed or damaged run shows its error, never a number
     if ns.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -510,6 +562,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return RunError, DataError, FloatingPointError  # FloatingPointError: NonFiniteLossError
 
 
+# what Ctrl-C leaves, said in one line instead of a traceback
+_INTERRUPTED = {"train": "the run resumes from its last checkpoint: run the same command again",
+                "eval": "nothing was recorded", "book": "no partial notebook was kept; run the same command again",
+                "data": "the download resumes when you run the same command again"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns, unknown = parser.parse_known_args(argv)
@@ -522,6 +580,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _user_errors() as e:  # damaged/locked run, missing data, NaN: exit 1 with the fix, no traceback
         print(f"lvae {ns.command}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\nlvae {ns.command}: interrupted; {_INTERRUPTED.get(ns.command, 'nothing was changed')}",
+              file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader of our output left (`lvae runs | head -3`): nothing more to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 def _dispatch(ns: argparse.Namespace) -> int:

@@ -71,15 +71,39 @@ def _check_positive_int(obj: Any, name: str, optional: bool = False, hint: str =
         raise _invalid(obj, name, f"must be a positive integer{' or None' if optional else ''}{hint}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: the training step computes in float32
+SEED_LIMIT = 2**63  # torch.manual_seed takes a 64-bit integer
+
+
 def _check_finite(obj: Any, *names: str) -> None:
-    """Every float field must be a finite number: nan or inf would switch a check off silently
-    (clip_norm=nan disables clipping) or make every step non-finite (lr=inf)."""
+    """Every float field must be a finite number that float32 holds: nan or inf would switch a check off
+    silently (clip_norm=nan disables clipping) or make every step non-finite (lr=inf), and a number
+    beyond float32 (lr=1e39) becomes inf in the step."""
     for name in names:
         v = getattr(obj, name)
         for x in v if isinstance(v, tuple) else (v,):
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) \
+                    or abs(x) > FLOAT32_MAX:
                 default = obj.__dataclass_fields__[name].default
-                raise _invalid(obj, name, f"must be a finite number (default {default})")
+                raise _invalid(obj, name, f"must be a finite number within float32's range (|x| <= 3.4e38; "
+                                          f"default {default})")
+
+
+def _check_seed(obj: Any, name: str) -> None:
+    v = getattr(obj, name)
+    if not _is_int(v) or not 0 <= v < SEED_LIMIT:
+        raise _invalid(obj, name, "must be an integer from 0 to 2**63 - 1 (e.g. 0, 1, 2)")
+
+
+def _check_init_from(obj: Any) -> None:
+    """``init_from`` is None or ``"<run>@<epoch>"`` (``"<run>"``: its checkpoint at any epoch)."""
+    v = obj.init_from
+    if v is None:
+        return
+    name, sep, epoch = v.partition("@") if isinstance(v, str) else ("", "", "")
+    if not name or (sep and not (epoch.isascii() and epoch.isdigit())):
+        raise _invalid(obj, "init_from", "must be '<run>@<epoch>', a run folder name and the epoch of its "
+                                         "checkpoint (e.g. mnist-lvae_bn_wu-5-f75a10fd09@10), or None")
 
 
 @dataclass(frozen=True)
@@ -171,6 +195,9 @@ class TrainConfig:
         for name in ("batch_size", "eq_samples", "iw_samples"):
             _check_positive_int(self, name)
         _check_positive_int(self, "subset", optional=True)
+        _check_seed(self, "seed")
+        _check_seed(self, "test_seed")
+        _check_init_from(self)
         if not _is_int(self.warmup_epochs) or self.warmup_epochs < 0:
             raise _invalid(self, "warmup_epochs", "must be an integer >= 0 (0 = no warm-up)")
         _check_finite(self, "lr", "adam_betas", "adam_eps", "clip_norm", "clip_value", "lr_decay")

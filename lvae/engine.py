@@ -18,7 +18,9 @@ not depend on how runs are grouped. The step has static shapes, reads beta and t
 from device tensors and keeps the losses on the device: on CUDA (``cuda_graph=True``, the default)
 each stack's full-batch step -- forward, backward, clipping, Adam -- is captured once as a
 ``torch.cuda.CUDAGraph`` and replayed with the batch and noise copied into its static inputs
-(a last partial batch, and ``compile=True``, run eagerly). The CPU ignores ``cuda_graph``.
+(a last partial batch, and ``compile=True``, run eagerly). The capture runs on the step's device, in
+training mode, before the next epoch's prefetch starts (no other thread may use the device while a
+stream captures); ``tests/cuda_standin.py`` runs it on the CPU in CI. The CPU ignores ``cuda_graph``.
 """
 from __future__ import annotations
 
@@ -146,24 +148,37 @@ class Stepper(abc.ABC):
     def nonfinite_parameters(self, i: int) -> list[str]:
         """Names of model i's parameters that hold a non-finite value."""
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The modules whose forward the step runs (training mode during an epoch)."""
+        return list(self.models)
+
     # the shared part
     def set_epoch(self, betas: Sequence[float], lr: float) -> None:
-        """beta of each model and the learning rate of the coming epoch (in place: a captured graph sees them)."""
+        """beta of each model and the learning rate of the coming epoch (in place: a captured graph sees them),
+        and every module of the step in training mode (an evaluation leaves the models in eval mode)."""
         self.beta.copy_(torch.tensor(betas, dtype=self.beta.dtype))
         self.optimizer.set_lr(lr)
-        for m in self.models:
+        for m in self.modules():
             m.train()
+
+    def prepare(self, x: torch.Tensor, eps: list[torch.Tensor]) -> None:
+        """Capture the full-batch step now if one is due (on CUDA, not captured yet, ``x`` a full batch). The
+        training loop calls it after :meth:`set_epoch` (the graph records the training-mode step) and before it
+        hands the next epoch's inputs to its prefetch thread: no other thread may use the device while a stream
+        captures (``capture_error_mode="global"``, kept so that any such work fails loudly)."""
+        if self.cuda_graph and self._graph is None and x.shape[1] == self.tcfg.batch_size:
+            self._capture(x, eps)
 
     def step(self, x: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`eager_step`, or on CUDA for full batches the replay of its captured graph."""
         if not self.cuda_graph or x.shape[1] != self.tcfg.batch_size:
             return self.eager_step(x, eps)
-        if self._graph is None:
-            self._capture(x, eps)
-        self._x.copy_(x)
-        for static, e in zip(self._eps, eps):
-            static.copy_(e)
-        self._graph.replay()
+        self.prepare(x, eps)
+        with torch.cuda.device(self.device):  # the graph's device, whichever is current
+            self._x.copy_(x)
+            for static, e in zip(self._eps, eps):
+                static.copy_(e)
+            self._graph.replay()
         return self._graph_loss.clone()
 
     @contextlib.contextmanager
@@ -186,14 +201,17 @@ class Stepper(abc.ABC):
         self._x = torch.zeros_like(x, memory_format=torch.contiguous_format)
         self._eps = [torch.zeros_like(e, memory_format=torch.contiguous_format) for e in eps]
         graph = torch.cuda.CUDAGraph()
-        with self.preserved_state():
+        # on the step's device, whichever is current, and on a capture stream of that device (torch.cuda.graph's
+        # default capture stream belongs to the device current when it was first made): else the step's kernels
+        # would run outside the capture, and the replays would return a stale loss (PyTorch issue 87794)
+        with torch.cuda.device(self.device), self.preserved_state():
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(GRAPH_WARMUP_STEPS):
                     self.eager_step(self._x, self._eps)
             torch.cuda.current_stream(self.device).wait_stream(side)
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=side):
                 self._graph_loss = self.eager_step(self._x, self._eps)
         self._graph = graph
 
@@ -299,6 +317,11 @@ class GridTrainer(Stepper):
 
     def buffers(self):
         return list(self.stacked_buffers.values())
+
+    def modules(self):
+        # the stacked step runs the objective's copy of models[0], which keeps the mode that model had when the
+        # stack was built (eval, after an evaluation, for a stack rebuilt from survivors)
+        return [*self.models, self.objective]
 
     def finite(self):
         return torch.stack([torch.isfinite(p.detach()).flatten(1).all(1) for p in self.params.values()]).all(0)
@@ -420,13 +443,15 @@ def train_stack(members: Sequence[Member], epochs: int, ecfg: EvalConfig, data: 
         for epoch in range(start, end):
             t0 = time.perf_counter()
             inputs = nxt.result()
-            nxt = pool.submit(epoch_inputs, data, epoch + 1, configs, dev) if epoch + 1 < end else None
             lr = learning_rate(epoch, tcfg)
             betas = [warmup_beta(epoch, m.config.train.warmup_epochs) for m in active]
             names = [m.config.dir_name for m in active]
             if inputs.names != names:  # members left the stack since these inputs were prepared
                 inputs = inputs.select(names)
             stepper.set_epoch(betas, lr)
+            # a due capture first, then the next epoch's prefetch: no other thread may use the device meanwhile
+            stepper.prepare(inputs.batch(0), inputs.eps[0])
+            nxt = pool.submit(epoch_inputs, data, epoch + 1, configs, dev) if epoch + 1 < end else None
             losses = run_epoch(stepper, inputs, bar).float().cpu()  # [steps, M]: the epoch's one host sync
             finite = stepper.finite().cpu()
             seconds = time.perf_counter() - t0

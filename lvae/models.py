@@ -477,6 +477,8 @@ class HierarchicalVAE(nn.Module):
 
     def sample_posterior(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None):
         """(zs, log_q): ``zs`` a list of ``[k, B, d_i]`` bottom to top, ``log_q`` ``[k, B]``."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r} must be a positive integer (the number of posterior samples per image, e.g. 10)")
         self.check_input(x)
         p = self.forward(x, k, generator)
         return p.zs, p.log_q

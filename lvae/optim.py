@@ -15,6 +15,7 @@ per-parameter layout of ``torch.optim.Adam``: checkpoints written by either load
 ``capturable=True`` (for a step captured as a CUDA graph, :mod:`lvae.engine`): the step counter and
 the learning rate are tensors on the device, updated in place (:meth:`FlatAdam.set_lr`), so a
 replayed graph reads the current values; PyTorch allows it on CUDA (and other accelerators) only.
+It applies to the fused kernel (bf16, compile) as well: Adam refuses to be captured otherwise.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ class FlatAdam(torch.optim.Adam):
         for p, g in zip(params, self._views(self._flat_param.grad)):
             p.grad = g
         self.capturable = capturable
-        inner_kind = {**kind, "capturable": True} if capturable and not fused else kind
+        # fused too: Adam refuses a captured step() unless its group is capturable, whatever the kernel
+        inner_kind = {**kind, "capturable": True} if capturable else kind
         inner_lr = torch.tensor(float(lr), device=like.device) if capturable else lr
         self._inner = torch.optim.Adam([self._flat_param], lr=inner_lr, betas=betas, eps=eps, **inner_kind)
         self.adopt_state()

@@ -65,7 +65,7 @@ def _build() -> dict[str, PaperNumber]:
         for column, value in zip(TABLE2_COLUMNS, values):
             if value is not None:
                 key = f"t2_{dataset}_{VARIANT_KEYS[column]}_{depth}"
-                out[key] = PaperNumber(key, float(value), dataset, "test log-likelihood (L5000)",
+                out[key] = PaperNumber(key, float(value), dataset, "test log-likelihood",
                                        f"{column} {LATENT_LABELS[depth]}", "Table 2")
     return out
 

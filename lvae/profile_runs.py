@@ -27,6 +27,10 @@ def get_run(profile: Profile | str, variant: str, depth: int, seed: int | None =
     """
     p = load_profile(profile) if isinstance(profile, str) else profile
     cfg, ecfg = experiment(p, variant, depth, seed, **train_overrides)
+    if not train_overrides:  # the same cell trained with another step (Profile.also_found), when finished
+        other = _also_found(p, variant, depth, seed, root)
+        if other is not None and other.status == "complete" and other.epochs >= p.epochs:
+            return other
     keep = variant in p.keep_weights and depth == p.max_depth and (seed is None or seed == p.seeds[0])
     try:
         return get_or_train(cfg, p.epochs, ecfg, root=root, progress=progress, save_fp16=keep)
@@ -37,10 +41,22 @@ def get_run(profile: Profile | str, variant: str, depth: int, seed: int | None =
 def find_run(profile: Profile | str, variant: str, depth: int, seed: int,
              root: str | os.PathLike | None = None):
     """The registry's run of one model of ``profile``, never training it: None when it was never
-    started (a partial or failed run is returned as it is, to be shown as such)."""
-    cfg, _ = experiment(profile, variant, depth, seed)
+    started (a partial or failed run is returned as it is, to be shown as such). Where the profile's
+    own key has no run, a run of the same cell trained with one of its ``also_found`` step settings
+    (e.g. the compiled step of the CPU long runs, :mod:`lvae.campaign`) is the cell's run."""
+    p = load_profile(profile) if isinstance(profile, str) else profile
+    cfg, _ = experiment(p, variant, depth, seed)
     path = results_dir(root) / cfg.dir_name
-    return Run(path) if (path / "config.json").exists() else None
+    return Run(path) if (path / "config.json").exists() else _also_found(p, variant, depth, seed, root)
+
+
+def _also_found(p: Profile, variant: str, depth: int, seed: int | None, root) -> Run | None:
+    """The first run of the cell under one of the profile's ``also_found`` step settings, or None."""
+    for overrides in p.also_found:
+        path = results_dir(root) / experiment(p, variant, depth, seed, **dict(overrides))[0].dir_name
+        if (path / "config.json").exists():
+            return Run(path)
+    return None
 
 
 def seed_runs(profile: Profile | str, variant: str, depth: int, *, progress: bool = True,

@@ -21,7 +21,8 @@ from .experiments import FIG3_VARIANTS, VARIANTS, run_config
 
 PROFILE_FILE_ENV = "LVAE_PROFILES"
 _KEYS = {"description", "dataset", "subset", "epochs", "warmup_epochs", "depths", "variants", "seeds",
-         "eval_every", "eval_train_subset", "test_subset", "iw_k", "iw_every", "iw_subset", "keep_weights", "train", "trainer"}
+         "eval_every", "eval_train_subset", "test_subset", "iw_k", "iw_every", "iw_subset", "keep_weights", "train", "trainer",
+         "also_found"}
 TRAINERS = ("single", "grid")  # how grid_runs trains the missing runs: one by one, or stacked (lvae.grid)
 
 
@@ -45,17 +46,25 @@ class Profile:
     keep_weights: tuple[str, ...]
     train: tuple[tuple[str, Any], ...] = ()  # TrainConfig overrides, e.g. (("precision", "bf16"),)
     trainer: str = "single"  # one of TRAINERS
+    # TrainConfig overrides under which a cell's run also counts as this profile's: the same protocol
+    # with another implementation of the step, e.g. ((("compile", True),),) for the CPU long runs
+    also_found: tuple[tuple[tuple[str, Any], ...], ...] = ()
 
     @property
     def max_depth(self) -> int:
         return max(self.depths)
 
-    def budget(self) -> str:
-        """One sentence stating the budget, for captions next to our numbers."""
+    def budget(self, epochs: int | None = None) -> str:
+        """One sentence stating the budget, for captions next to our numbers: training length (at
+        ``epochs`` when the runs are read before the profile's end), data, seeds, the training step's
+        precision and compilation, and the L_K evaluation."""
         n_train = "all 60,000" if self.subset is None else f"{self.subset:,}"
         n_iw = "all" if self.iw_subset is None and self.test_subset is None else f"{self.iw_subset or self.test_subset:,}"
-        return (f"profile '{self.name}': {self.epochs} epochs (warm-up {self.warmup_epochs}) on {n_train} training "
-                f"images, seed(s) {', '.join(map(str, self.seeds))}, L_{self.iw_k} on {n_iw} test images")
+        train = dict(self.train)
+        step = f"{train.get('precision', 'fp32')} training step{', compiled' if train.get('compile') else ''}"
+        at = f"{self.epochs} epochs" if epochs is None or epochs == self.epochs else f"{epochs} of {self.epochs} epochs"
+        return (f"profile '{self.name}': {at} (warm-up {self.warmup_epochs}) on {n_train} training "
+                f"images, seed(s) {', '.join(map(str, self.seeds))}, {step}, L_{self.iw_k} on {n_iw} test images")
 
 
 def _profile_file() -> Path:
@@ -91,6 +100,7 @@ def load_profile(name: str) -> Profile:
         iw_k=int(raw.get("iw_k", 5000)), iw_every=int(raw.get("iw_every", 0)),
         iw_subset=raw.get("iw_subset"), keep_weights=tuple(raw.get("keep_weights", ())),
         train=tuple(sorted((raw.get("train") or {}).items())), trainer=raw.get("trainer", "single"),
+        also_found=tuple(tuple(sorted(d.items())) for d in raw.get("also_found") or ()),
     )
 
 

@@ -60,8 +60,8 @@ from . import datasets
 from .commands import train_command
 from .config import ConfigError, EvalConfig, RunConfig, upgrade_eval_config
 from .models import HierarchicalVAE, build_model
-from .storage import (RunError, _finite_or_none, _lock_held, _now, append_jsonl, atomic_write_bytes, device_description,
-                      git_commit, read_jsonl)
+from .storage import (RunError, _finite_or_none, _lock_held, _now, append_jsonl, atomic_write_bytes, check_writable,
+                      device_description, git_commit, read_jsonl)
 from .train import default_device, evaluate
 
 RESULTS_ENV = "LVAE_RESULTS"
@@ -72,10 +72,19 @@ PER_IMAGE = "per-image-e{epoch}-L{k}-n{n}.npz"  # per-test-image L1 (all test im
 # a hard link to the checkpoint a failing session rolls back to (its last sane evaluation, or the one
 # it resumed from); it exists only while a session trains (and after a kill, until the next one starts)
 SANE_CHECKPOINT = "checkpoint-sane.pt"
+_PER_IMAGE_FILE = re.compile(r"per-image-e\d+-L\d+-n\d+\.npz")
 # files of a run directory that only the lock holder writes (its stale temp files are removed on resume)
 _LOCKED_FILES = ("config.json", "provenance.json", "metrics.jsonl", CHECKPOINT, WEIGHTS_FP16, SANE_CHECKPOINT)
 # a run name is one folder name: no separator, no "..", nothing hidden or option-like
 _RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=@-]{0,99}")
+
+
+# the fields of provenance.json that the registry reads, with their types (a wrongly typed one is damage)
+_PROVENANCE_TYPES = (("status", str, "a status"), ("epochs", int, "an integer"), ("target_epochs", int, "an integer"),
+                     ("metrics_rows", int, "an integer"), ("resumes", int, "an integer"),
+                     ("wall_seconds", (int, float), "a number"), ("error", str, "a message"),
+                     ("sessions", list, "a list"))
+_PROVENANCE_REQUIRED = ("status", "epochs", "target_epochs", "metrics_rows", "wall_seconds")  # never null
 
 
 class RunFailedError(RunError):
@@ -152,7 +161,16 @@ class Run:
         p = self.path / "provenance.json"
         if not p.exists():
             return {}
-        return _read_json(p, f"delete it (the run resumes from its {CHECKPOINT}) or delete the run directory")
+        fix = f"delete it (the run resumes from its {CHECKPOINT}) or delete the run directory"
+        prov = _read_json(p, fix)
+        for key, kinds, what in _PROVENANCE_TYPES:
+            value = prov.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)) \
+                    or value is None and key in prov and key in _PROVENANCE_REQUIRED:
+                raise RunError(f"{p} is corrupted ({key!r} is {value!r}, not {what}); {fix}")
+        if isinstance(prov.get("epochs"), int) and prov["epochs"] < 0:
+            raise RunError(f"{p} is corrupted ('epochs' is {prov['epochs']}, not a count of epochs); {fix}")
+        return prov
 
     @property
     def status(self) -> str:
@@ -166,14 +184,26 @@ class Run:
 
     def damage(self) -> str | None:
         """What is wrong with the stored record, with the fix, or None: provenance.json or a line of
-        metrics.jsonl is unreadable, or metrics.jsonl lost rows (deleted, truncated): it has fewer
-        rows than the run recorded, or a complete run lacks the evaluation of its final epoch."""
+        metrics.jsonl is unreadable, provenance.json is missing while the run recorded evaluations,
+        or metrics.jsonl lost rows (deleted, truncated): it has fewer rows than the run recorded, or a
+        complete run lacks the evaluation of its final epoch."""
+        return self._damage(resumable=False)
+
+    def _damage(self, resumable: bool) -> str | None:
+        """:meth:`damage`; ``resumable``: leave out a missing provenance.json, which resuming the run
+        from its checkpoint writes anew (:func:`lvae.training.open_for_training`)."""
         try:
             prov = self.provenance
             rows = self.metrics()
         except RunError as e:
             return str(e)
         metrics = self.path / "metrics.jsonl"
+        if not (self.path / "provenance.json").exists() and rows and not resumable:
+            resume = (f"resume it (the same `lvae train` command: it resumes from its {CHECKPOINT} and writes "
+                      f"provenance.json anew), " if (self.path / CHECKPOINT).exists() else "")
+            return (f"{self.path / 'provenance.json'} is missing, but metrics.jsonl holds {len(rows)} evaluation(s): "
+                    f"its status and provenance are lost; {resume}restore it from a copy (for a committed run: git "
+                    f"checkout -- {self.path / 'provenance.json'}) or delete the run directory to retrain it")
         fix = (f"restore it from a copy (for a committed run: git checkout -- {metrics}) or delete the run "
                f"directory to retrain it")
         recorded = prov.get("metrics_rows")
@@ -370,6 +400,8 @@ def _load_state(module: Any, state: dict, path: Path) -> None:
 
 
 def list_runs(root: str | os.PathLike | None = None) -> list[Run]:
+    """The readable runs of the registry, by name (one whose config.json cannot be read: a warning;
+    :func:`registry_rows` lists it as damaged)."""
     base = results_dir(root)
     if not base.exists():
         return []
@@ -381,6 +413,27 @@ def list_runs(root: str | os.PathLike | None = None) -> list[Run]:
             except RunError as e:
                 warnings.warn(str(e))
     return runs
+
+
+def registry_rows(root: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """One :meth:`Run.summary` per run folder of the registry (``lvae runs``), by name: a run that
+    cannot be read at all (config.json torn, of another format, a file in a folder's place) is a
+    ``damaged`` row with the error and its fix, never a traceback and never hidden."""
+    base = results_dir(root)
+    if not base.exists():
+        return []
+    rows = []
+    for d in sorted(base.iterdir()):
+        if not (d / "config.json").exists():
+            continue
+        try:
+            rows.append(Run(d).summary())
+        except (RunError, OSError) as e:
+            error = str(e) if isinstance(e, RunError) else (f"{d} cannot be read ({e}); restore it from a copy "
+                                                            f"or delete the run directory to retrain it")
+            rows.append({"name": d.name, "epochs": 0, "status": "damaged", "test_L1": None, "test_LK": None,
+                         "iw_k": None, "error": error})
+    return rows
 
 
 def open_run(name: str | os.PathLike, root: str | os.PathLike | None = None) -> Run:
@@ -441,6 +494,9 @@ def evaluate_run(run: Run, iw_k: int = 5000, test_subset: int | None = None, iw_
     ``iw_subset`` of those (all of them when None), whatever the run's own training-time
     evaluations used.
     """
+    if save:  # the evaluation is recorded in the run's folder: refuse a read-only one before the work
+        check_writable(run.path, f"evaluate a copy of the run in a writable registry (cp -r {run.path} DIR/, then "
+                                 f"`lvae eval {run.name} --out DIR`), or pass save=False in Python")
     dev = torch.device(device) if device is not None else default_device()
     tcfg = run.config.train
     ecfg = dataclasses.replace(run.eval_config, iw_k=iw_k, test_subset=test_subset, iw_subset=iw_subset,

@@ -11,12 +11,26 @@ Two sources of uncertainty sit behind every number the book compares with the pa
 :func:`paired_difference` compares two models image by image on the same test images (the
 per-image values each run stores, see :func:`lvae.runs.save_per_image`): the per-image spread of the
 differences is much smaller than either model's own, so small margins can be resolved. Its
-interval combines both sources (Welch-Satterthwaite degrees of freedom).
+interval combines both sources.
+
+**Degrees of freedom.** A seed part estimated from S seeds has S - 1 degrees of freedom (2 with three
+seeds). The Welch-Satterthwaite df of a sum of such parts is itself estimated from those few seeds
+and comes out at 4-6.5 for a contrast of two models with three seeds each, which is too liberal:
+with the measured seed and image spreads its 95 % interval covers the true difference less than
+95 % of the time (``tests/test_stats.py`` simulates it). Every interval here therefore uses the
+smallest df of its seed parts (Hsu's conservative rule for the Behrens-Fisher problem), which keeps
+the coverage at or above 95 %; an estimate without a seed part (one seed, or quantities that are
+not seed means) takes the test images' df.
+
+**Counts** (active units, active layers) are integers: three seeds with the same count have a sample
+variance of 0, which is no evidence of a variance of 0. ``resolution`` (1 for a count) sets a
+floor on each model's seed variance, that of a value rounded to the count's unit
+(resolution^2 / 12), so equal counts never give a zero-width interval.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -42,6 +56,12 @@ class Estimate:
     n_images: int | None = None
     seed_se_known: bool = True
     level: float = LEVEL
+    df: float = math.inf  # degrees of freedom of the interval (see the module docstring)
+    # the variance over training seeds of one seed's value of this quantity (sum_j w_j^2 var_s,j, not
+    # divided by the seeds), and its df: what a budget with a single seed borrows (:func:`with_seed_term`)
+    seed_var: float | None = None
+    seed_df: float | None = None
+    borrowed: bool = False  # the seed term comes from the same quantity at another budget (with_seed_term)
 
     @property
     def half_width(self) -> float:
@@ -50,6 +70,15 @@ class Estimate:
     def excludes(self, value: float = 0.0) -> bool:
         """True when the interval lies entirely above or entirely below ``value``."""
         return self.lo > value or self.hi < value
+
+    def at_level(self, level: float) -> "Estimate":
+        """The same estimate with its interval at another confidence ``level`` (same df), e.g. the
+        Bonferroni level of a claim made of several parts."""
+        if level == self.level or not math.isfinite(self.half_width):
+            return self
+        q_old, q_new = _quantile(self.level, self.df), _quantile(level, self.df)
+        h = self.half_width * q_new / q_old if q_old > 0 else self.half_width
+        return replace(self, lo=self.mean - h, hi=self.mean + h, level=level)
 
     def text(self, fmt: str = "{:.2f}") -> str:
         """``-98.79 ± 0.31`` (half-width of the CI), or the bare mean when no interval exists."""
@@ -60,6 +89,11 @@ class Estimate:
 
 def _t(level: float, df: float) -> float:
     return float(_st.t.ppf(0.5 + level / 2, df)) if df > 0 and math.isfinite(df) else float("nan")
+
+
+def _quantile(level: float, df: float) -> float:
+    """The two-sided quantile of Student's t with ``df`` (the normal's for an infinite df)."""
+    return _t(level, df) if math.isfinite(df) else float(_st.norm.ppf(0.5 + level / 2))
 
 
 def mean_ci(values: Sequence[float], level: float = LEVEL, n_images: int | None = None) -> Estimate:
@@ -77,7 +111,8 @@ def mean_ci(values: Sequence[float], level: float = LEVEL, n_images: int | None 
         return Estimate(m, float("nan"), float("nan"), float("nan"), 1, n_images, seed_se_known=False, level=level)
     se = float(v.std(ddof=1) / math.sqrt(v.size))
     h = _t(level, v.size - 1) * se
-    return Estimate(m, se, m - h, m + h, int(v.size), n_images, level=level)
+    return Estimate(m, se, m - h, m + h, int(v.size), n_images, level=level, df=v.size - 1,
+                    seed_var=float(v.var(ddof=1)), seed_df=v.size - 1)
 
 
 def paired_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], level: float = LEVEL) -> Estimate:
@@ -89,24 +124,11 @@ def paired_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], level: f
     var_s(mean_i a_s,i)/S. A side with one seed contributes no seed part, and the estimate says so
     (``seed_se_known`` False).
     """
-    A = _stack(a, "a")
-    B = _stack(b, "b")
+    A, B = _stack(a, "a"), _stack(b, "b")
     if A.shape[1] != B.shape[1]:
         raise ValueError(f"paired_difference needs the same test images on both sides: {A.shape[1]} vs "
                          f"{B.shape[1]} per-image values")
-    n = A.shape[1]
-    d = A.mean(0) - B.mean(0)
-    m = float(d.mean())
-    parts = [(float(d.var(ddof=1)) / n, n - 1)] if n > 1 else []
-    for side in (A, B):
-        if side.shape[0] > 1:
-            parts.append((float(side.mean(1).var(ddof=1)) / side.shape[0], side.shape[0] - 1))
-    var = sum(p for p, _ in parts)
-    se = math.sqrt(var)
-    df = var ** 2 / sum(p ** 2 / k for p, k in parts) if var > 0 else float("inf")
-    h = _t(level, df) * se if var > 0 else 0.0
-    known = A.shape[0] > 1 and B.shape[0] > 1
-    return Estimate(m, se, m - h, m + h, min(A.shape[0], B.shape[0]), n, seed_se_known=known, level=level)
+    return contrast([(1.0, A), (-1.0, B)], level)
 
 
 def _stack(arrays: Sequence[np.ndarray], name: str) -> np.ndarray:
@@ -129,7 +151,7 @@ def contrast(terms: Sequence[tuple[float, Sequence[np.ndarray]]], level: float =
     ``[(1, a), (-1, b)]`` is :func:`paired_difference`; ``[(1, a)]`` is one model's mean with both
     sources of uncertainty; ``[(1, d3), (-2, d2), (1, d1)]`` is the change in the gain per added
     layer. The standard error adds the test-image part var_i(d_i)/N and, per model with two or
-    more seeds, w_j^2 var_s(mean_i x_j,s,i)/S_j; degrees of freedom by Welch-Satterthwaite.
+    more seeds, w_j^2 var_s(mean_i x_j,s,i)/S_j; degrees of freedom as the module docstring says.
     ``seed_se_known`` is False when a model has a single seed (its seed part is unknown).
     """
     if not terms:
@@ -143,15 +165,14 @@ def contrast(terms: Sequence[tuple[float, Sequence[np.ndarray]]], level: float =
     d = sum(w * x.mean(0) for w, x in sides)
     m = float(d.mean())
     parts = [(float(d.var(ddof=1)) / n, n - 1)] if n > 1 else []
-    for w, x in sides:
-        if x.shape[0] > 1:
-            parts.append((w * w * float(x.mean(1).var(ddof=1)) / x.shape[0], x.shape[0] - 1))
+    seed = [(w * w * float(x.mean(1).var(ddof=1)), x.shape[0]) for w, x in sides if x.shape[0] > 1]
     known = all(x.shape[0] > 1 for _, x in sides)
-    return _from_parts(m, parts, min(x.shape[0] for _, x in sides), n, known, level)
+    return _from_parts(m, parts, seed, min(x.shape[0] for _, x in sides), n, known, level)
 
 
 def contrast_of_means(terms: Sequence[tuple[float, Sequence[float], Sequence[float] | None]],
-                      n_images: int | None = None, level: float = LEVEL) -> Estimate:
+                      n_images: int | None = None, level: float = LEVEL,
+                      resolution: float | None = None) -> Estimate:
     """A weighted sum of models from their per-seed results alone (no per-image values): the unpaired fallback.
 
     ``terms``: ``(w_j, one value per seed, each seed's test-image standard error or None)``. The
@@ -160,11 +181,13 @@ def contrast_of_means(terms: Sequence[tuple[float, Sequence[float], Sequence[flo
     them does not shrink it, and the models are treated as independent although they share the test
     images (conservative: scores of two models on the same images are positively correlated).
     ``n_images``: the test images behind each value (None for quantities that are not image
-    means, e.g. a count of active units, which have no test-image part).
+    means, e.g. a count of active units, which have no test-image part). ``resolution``: the unit of
+    an integer-valued quantity (1 for a count), whose seed variance is floored at resolution^2 / 12.
     """
     if not terms:
         raise ValueError("contrast_of_means needs at least one term")
-    m, parts, n_seeds, known = _seed_means("contrast_of_means", [(w, v) for w, v, _ in terms])
+    m, seed, n_seeds, known = _seed_means("contrast_of_means", [(w, v) for w, v, _ in terms], resolution)
+    parts: list[tuple[float, float]] = []
     for j, (w, values, se) in enumerate(terms):
         w = float(w)
         if se is not None:
@@ -178,7 +201,7 @@ def contrast_of_means(terms: Sequence[tuple[float, Sequence[float], Sequence[flo
         # one seed and no test-image part: nothing is known about the spread
         return Estimate(m, float("nan"), float("nan"), float("nan"), min(n_seeds), n_images, seed_se_known=False,
                         level=level)
-    return _from_parts(m, parts, min(n_seeds), n_images, known, level)
+    return _from_parts(m, parts, seed, min(n_seeds), n_images, known, level)
 
 
 def contrast_partly_paired(terms: Sequence[tuple[float, Sequence[float], Sequence[np.ndarray]]],
@@ -195,7 +218,8 @@ def contrast_partly_paired(terms: Sequence[tuple[float, Sequence[float], Sequenc
     """
     if not terms:
         raise ValueError("contrast_partly_paired needs at least one term")
-    m, parts, n_seeds, known = _seed_means("contrast_partly_paired", [(w, v) for w, v, _ in terms])
+    m, seed, n_seeds, known = _seed_means("contrast_partly_paired", [(w, v) for w, v, _ in terms])
+    parts: list[tuple[float, float]] = []
     sides = [(float(w), _stack(arrays, f"term {j}")) for j, (w, _, arrays) in enumerate(terms)]
     if len({x.shape[1] for _, x in sides}) != 1 or sides[0][1].shape[1] != n_images:
         raise ValueError(f"contrast_partly_paired needs per-image values on the same {n_images} test images in every "
@@ -203,13 +227,16 @@ def contrast_partly_paired(terms: Sequence[tuple[float, Sequence[float], Sequenc
     d = sum(w * x.mean(0) for w, x in sides)
     if n_images > 1:
         parts.append((float(d.var(ddof=1)) / n_images, n_images - 1))
-    return _from_parts(m, parts, min(n_seeds), n_images, known, level)
+    return _from_parts(m, parts, seed, min(n_seeds), n_images, known, level)
 
 
-def _seed_means(caller: str, terms) -> tuple[float, list[tuple[float, float]], list[int], bool]:
-    """sum_j w_j mean_s(values_j), its seed variance parts (w_j^2 var_s/S_j, S_j - 1 degrees of freedom)
-    for the terms with two or more seeds, the seed counts, and whether every term had two or more."""
-    m, parts, n_seeds, known = 0.0, [], [], True
+def _seed_means(caller: str, terms, resolution: float | None = None
+                ) -> tuple[float, list[tuple[float, int]], list[int], bool]:
+    """sum_j w_j mean_s(values_j), the seed parts ``(w_j^2 var_s,j, S_j)`` of the terms with two or more
+    seeds (var_s floored at resolution^2 / 12 for an integer quantity), the seed counts, and whether
+    every term had two or more."""
+    m, seed, n_seeds, known = 0.0, [], [], True
+    floor = 0.0 if resolution is None else resolution ** 2 / 12
     for j, (w, values) in enumerate(terms):
         v = np.asarray(list(values), dtype=np.float64)
         if v.size == 0 or not np.all(np.isfinite(v)):
@@ -218,23 +245,41 @@ def _seed_means(caller: str, terms) -> tuple[float, list[tuple[float, float]], l
         m += w * float(v.mean())
         n_seeds.append(v.size)
         if v.size > 1:
-            parts.append((w * w * float(v.var(ddof=1)) / v.size, v.size - 1))
+            seed.append((w * w * max(float(v.var(ddof=1)), floor), v.size))
         else:
             known = False
-    return m, parts, n_seeds, known
+    return m, seed, n_seeds, known
 
 
-def _from_parts(m: float, parts: list[tuple[float, float]], n_seeds: int, n_images: int | None, known: bool,
-                level: float) -> Estimate:
-    """An Estimate whose variance is a sum of independent parts ``(variance, degrees of freedom)``."""
-    var = sum(p for p, _ in parts)
-    if not parts:
+def _from_parts(m: float, parts: list[tuple[float, float]], seed: list[tuple[float, int]], n_seeds: int,
+                n_images: int | None, known: bool, level: float) -> Estimate:
+    """An Estimate whose variance is a sum of independent parts: the test-image ``parts`` ``(variance,
+    df)`` and the ``seed`` parts ``(w_j^2 var_s,j, S_j)``, each contributing w_j^2 var_s,j / S_j. The df
+    is the smallest of the seed parts' (S_j - 1), else the image parts' (see the module docstring)."""
+    seed_var = sum(v for v, _ in seed) if seed else None
+    seed_df = min(k - 1 for _, k in seed) if seed else None
+    allparts = parts + [(v / k, k - 1) for v, k in seed]
+    if not allparts:
         return Estimate(m, float("nan"), float("nan"), float("nan"), n_seeds, n_images, seed_se_known=known,
                         level=level)
+    var = sum(p for p, _ in allparts)
     se = math.sqrt(var)
-    if var == 0:
-        return Estimate(m, 0.0, m, m, n_seeds, n_images, seed_se_known=known, level=level)
-    denom = sum(p ** 2 / k for p, k in parts if p > 0)
-    df = var ** 2 / denom if denom > 0 else math.inf
-    h = (float(_st.norm.ppf(0.5 + level / 2)) if not math.isfinite(df) else _t(level, df)) * se
-    return Estimate(m, se, m - h, m + h, n_seeds, n_images, seed_se_known=known, level=level)
+    df = float(seed_df) if seed else min((k for p, k in parts), default=math.inf)
+    h = _quantile(level, df) * se
+    return Estimate(m, se, m - h, m + h, n_seeds, n_images, seed_se_known=known, level=level, df=df,
+                    seed_var=seed_var, seed_df=seed_df)
+
+
+def with_seed_term(est: Estimate, seed_var: float | None, seed_df: float | None, level: float = LEVEL) -> Estimate:
+    """A one-seed ``est`` (its interval covers the test images only) with the seed term borrowed from the
+    same quantity measured over several seeds elsewhere (e.g. at a shorter budget): the variance of one
+    seed's value ``seed_var`` (:attr:`Estimate.seed_var`) with ``seed_df`` degrees of freedom, added to
+    the test-image variance. Without a seed term the estimate is returned unchanged (seed spread unknown)."""
+    if seed_var is None or seed_df is None or not seed_df > 0:
+        return est
+    image_var = est.se ** 2 if math.isfinite(est.se) else 0.0
+    var = image_var + seed_var
+    se = math.sqrt(var)
+    h = _quantile(level, float(seed_df)) * se
+    return Estimate(est.mean, se, est.mean - h, est.mean + h, est.n_seeds, est.n_images, seed_se_known=True,
+                    level=level, df=float(seed_df), seed_var=seed_var, seed_df=seed_df, borrowed=True)

@@ -86,7 +86,8 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         finally:
             os.close(fd)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder refuses the unlink too: report the first error
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in _DISK_FULL:
             raise _disk_error(e, path) from e
         raise
@@ -121,6 +122,18 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def check_writable(folder: Path, fix: str) -> None:
+    """Refuse, before any work, a folder this process cannot write into (a read-only file system, no
+    permission): RunError ``cannot write into FOLDER (why); <fix>``. Probes with a real file."""
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+    except OSError as e:
+        raise RunError(f"cannot write into {folder} ({e.strerror or e}); {fix}") from None
+    with contextlib.suppress(OSError):
+        probe.unlink()
+
+
 # -- JSON lines ----------------------------------------------------------------------------------
 def read_jsonl(path: Path) -> list[dict]:
     """All complete lines of a JSON-lines file; a torn (unparsable) last line is ignored."""
@@ -130,6 +143,9 @@ def read_jsonl(path: Path) -> list[dict]:
         lines = path.read_text().splitlines()
     except UnicodeDecodeError:
         raise RunError(f"{path} is corrupted (not text); delete the run directory to retrain it") from None
+    except OSError as e:  # a folder in its place, no permission to read it
+        raise RunError(f"{path} cannot be read ({e.strerror or e}); restore it as a file (for a committed run: "
+                       f"git checkout -- {path}) or delete the run directory to retrain it") from None
     out = []
     for i, line in enumerate(lines):
         if not line.strip():

@@ -185,7 +185,7 @@ def test_difference_is_paired_when_per_image_values_exist():
     d = analysis.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
     ref = stats.contrast([(1.0, [per[0]["test_L1"], per[1]["test_L1"]]),
                           (-1.0, [per[2]["test_L1"], per[3]["test_L1"]])])
-    assert d == ref and d.excludes(0.0)
+    assert d == ref and d.df == 1  # two seeds a side: the smallest seed df (issue 18, finding 6)
     runs[("vae_bn_wu", 2, 0)]._per_image = None  # a run without per-image values: from the means
     d2 = analysis.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
     assert d2.mean == pytest.approx(d.mean) and d2.half_width > d.half_width
@@ -208,15 +208,24 @@ def test_difference_pairs_the_runs_with_per_image_values_when_only_some_have_the
     assert d2.half_width > d.half_width
 
 
-def test_active_unit_counts_take_recomputed_kl_by_key():
+def test_active_units_have_one_source_for_the_chapters_and_the_claims():
+    """Issue 18, finding 10: the chapters' active units are the claims' (the KL stored by training); no
+    chapter passes a recomputed KL in their place."""
+    import inspect
+    from pathlib import Path
+
+    from lvae import claims
+
     runs = {("vae", 2, s): SeedRun(-99.0, active=(3, 1)) for s in range(3)}
     counts = analysis.active_unit_counts(runs, ["vae"], 2)
     assert {layer: c.value for layer, c in counts["vae"].items()} == {"z1": 3, "z2": 1, "total": 4}
-    new = {("vae", 2, 1): [np.array([0.5, 0.5, 0.5, 0.5]), np.array([0.0, 0.005])]}
-    counts = analysis.active_unit_counts(runs, ["vae"], 2, new)
-    assert counts["vae"]["total"].values == {0: 4.0, 1: 4.0, 2: 4.0} and counts["vae"]["z2"].values[1] == 0.0
-    split = analysis.layer_kl(runs, ["vae"], 2, new)["vae"]
-    assert split["recomputed"] == [1] and split["upper"].n_seeds == 3
+    for fn in (analysis.active_unit_counts, analysis.active_unit_rows, analysis.layer_kl):
+        assert "kl_units" not in inspect.signature(fn).parameters
+    assert all(claims._active_total(r) == counts["vae"]["total"].values[k[2]] for k, r in runs.items())
+    assert analysis.layer_kl(runs, ["vae"], 2)["vae"]["upper"].n_seeds == 3
+    book = Path(__file__).resolve().parents[1] / "book"
+    for chapter in book.glob("*.md"):
+        assert "kl_units_from_weights" not in chapter.read_text(), chapter.name
 
 
 def test_layer_kl_bars_take_variants_and_show_their_labels():

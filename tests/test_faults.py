@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,11 +70,18 @@ def one_thread():
 
 
 def snapshot(run_dir: Path) -> dict:
-    """Everything a run leaves that must not depend on interruptions."""
+    """Everything a run leaves that must not depend on interruptions: checkpoint, fp16 weights,
+    metrics rows, per-image values, and what provenance.json says of the run's state."""
     rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    per_image = {}
+    for f in sorted(run_dir.glob("per-image-*.npz")):
+        with np.load(f) as z:
+            per_image[f.name] = {k: torch.from_numpy(z[k]) for k in z.files}
+    prov = json.loads((run_dir / "provenance.json").read_text())
     return {"checkpoint": torch.load(run_dir / CHECKPOINT, weights_only=True),
-            "fp16": torch.load(run_dir / WEIGHTS_FP16, weights_only=True), "metrics": rows}
+            "fp16": torch.load(run_dir / WEIGHTS_FP16, weights_only=True), "metrics": rows, "per_image": per_image,
+            "state": {k: prov.get(k) for k in ("status", "epochs", "target_epochs", "metrics_rows")}}
 
 
 def assert_identical(got: dict, want: dict) -> None:
@@ -85,6 +93,9 @@ def assert_identical(got: dict, want: dict) -> None:
     assert same(got["checkpoint"]["optimizer"], want["checkpoint"]["optimizer"]), "Adam state differs"
     assert same(got["checkpoint"], want["checkpoint"])
     assert same(got["fp16"], want["fp16"]), "fp16 weights differ"
+    assert got["per_image"].keys() == want["per_image"].keys(), "per-image files lost or left over"
+    assert same(got["per_image"], want["per_image"]), "per-image values differ"
+    assert got["state"] == want["state"], "provenance.json says another state"
 
 
 def assert_clean_finish(run_dir: Path, epochs: int) -> None:
@@ -118,10 +129,16 @@ KILL_POINTS = {
     "append:metrics.jsonl:1": (1, "line:metrics.jsonl"),  # mid-append of epoch 2's metrics row: a torn last line
     "rename:checkpoint.pt:2": (1, CHECKPOINT),  # epoch 2's row written, its checkpoint mid-write: the row is replayed
     "rename:checkpoint.pt:3": (2, CHECKPOINT),  # mid-write of epoch 3's checkpoint (pending train losses)
-    "rename:model-fp16.pt:4": (4, WEIGHTS_FP16),  # checkpoint of epoch 4 renamed, fp16 weights mid-write
+    "rename:model-fp16.pt:4": (3, WEIGHTS_FP16),  # fp16 weights of epoch 4 mid-write (before its checkpoint)
     "rename:provenance.json:3": (2, "provenance.json"),  # after epoch 2, provenance mid-write
     "rename:provenance.json:8": (6, "provenance.json"),  # everything trained, the final 'complete' mid-write
     "rename:config.json:1": (None, "config.json"),  # the very first write of a fresh run
+    # every write of the final epoch (6), in order (issue 19): the resume ends with all files of epoch 6
+    "rename:per-image-e6-L8-n64.npz:1": (5, "per-image-e6-L8-n64.npz"),  # its per-image values mid-write
+    "append:metrics.jsonl:3": (5, "line:metrics.jsonl"),  # its evaluation row mid-append
+    "rename:model-fp16.pt:6": (5, WEIGHTS_FP16),  # its fp16 weights mid-write
+    "rename:checkpoint.pt:6": (5, CHECKPOINT),  # its fp16 weights written, its checkpoint mid-write
+    "rename:provenance.json:7": (6, "provenance.json"),  # its checkpoint written, provenance (epochs 6) mid-write
 }
 
 
