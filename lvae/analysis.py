@@ -19,7 +19,7 @@ from . import paper
 from .datasets import load_dataset
 from .experiments import VARIANTS, finetune_config, run_config
 from .profile_runs import find_run
-from .profiles import available, experiment, load_profile
+from .profiles import Profile, available, experiment, load_profile
 from .runs import Run, RunFailedError, RunIncompleteError, list_runs, results_dir
 from .stats import Estimate, contrast, contrast_of_means, contrast_partly_paired, mean_ci
 from .train import ACTIVE_UNIT_THRESHOLD
@@ -666,14 +666,36 @@ def layer_kl(runs: dict, variants: Sequence[str], depth: int) -> dict[str, dict[
 BUDGET_VARIANTS = ("lvae_bn_wu", "vae_bn_wu", "lvae_bn", "lvae_wu")  # the depth-5 pair and the Fig 7 ablations
 
 
+class BudgetRuns(dict):
+    """{(variant, depth, seed): run or None} of one budget: ``profile``'s runs read at ``epoch``
+    (:class:`RunAtEpoch` where a run went on past it)."""
+
+    def __init__(self, profile: Profile, epoch: int, runs: dict[Key, Any]):
+        super().__init__(runs)
+        self.profile, self.epoch = profile, epoch
+
+    def epochs_text(self) -> str:
+        return f"{self.epoch} (warm-up {self.profile.warmup_epochs})"
+
+
+def budget_of(name: str, runs: dict) -> tuple[Profile, int]:
+    """The profile and epoch of budget ``name`` (a :class:`BudgetRuns`, or a profile's name and its runs)."""
+    if isinstance(runs, BudgetRuns):
+        return runs.profile, runs.epoch
+    p = load_profile(name)
+    return p, p.epochs
+
+
 def budget_runs(depth: int, variants: Sequence[str] = BUDGET_VARIANTS, dataset: str = "mnist",
-                root=None) -> dict[str, dict[Key, Any]]:
-    """Every profile of profiles.yml with at least one run in the registry of a model (variant,
-    ``depth``) of ``variants``: {profile name: {(variant, depth, seed): run or None, for the
-    profile's seeds}}, in the file's order. Read-only: a missing run is None (so is a complete run
-    of the same configuration trained for other than the profile's epochs), a partial run is
-    returned as it is. Runs of profiles added later (e.g. the paper's budget, imported) appear
-    here without any change to the caller."""
+                root=None) -> dict[str, BudgetRuns]:
+    """Every budget with at least one finished run in the registry of a model (variant, ``depth``) of
+    ``variants``: {budget name: :class:`BudgetRuns` {(variant, depth, seed): run or None, for the
+    profile's seeds}}, in profiles.yml's order. A budget is a profile at its epochs, or, for a profile
+    with ``milestones`` (the paper's: 300, 1,000, 2,000), one budget per milestone ("paper, 300 epochs"),
+    every run read as it stood then. Read-only: a missing run is None (so is a complete run of the same
+    configuration that stopped short of the budget's epochs, or, without milestones, was trained for
+    other epochs); a partial run is returned as it is. Runs of profiles added later (e.g. imported)
+    appear here without any change to the caller."""
     out = {}
     for name in available():
         p = load_profile(name)
@@ -681,12 +703,18 @@ def budget_runs(depth: int, variants: Sequence[str] = BUDGET_VARIANTS, dataset: 
             continue
         vs = [v for v in variants if v in p.variants]
         runs = profile_runs(p, root, vs, (depth,)) if vs else {}
-        # a complete run of the same configuration trained for another number of epochs belongs to
-        # another budget (the registry keys runs by configuration, not by epochs)
-        runs = {k: None if r is not None and r.ok and r.epochs != p.epochs else r for k, r in runs.items()}
-        if any(r is not None for r in runs.values()):
-            out[name] = runs
-    return out
+        if not p.milestones:
+            # a complete run of the same configuration trained for another number of epochs belongs to
+            # another budget (the registry keys runs by configuration, not by epochs)
+            runs = {k: None if r is not None and r.ok and r.epochs != p.epochs else r for k, r in runs.items()}
+            if any(r is not None for r in runs.values()):
+                out[name] = BudgetRuns(p, p.epochs, runs)
+            continue
+        for e in p.milestones:
+            at = {k: None if r is None or (r.ok and r.epochs < e) else at_epoch(r, e) for k, r in runs.items()}
+            if any(r is not None and r.ok for r in at.values()):
+                out[f"{name}, {e} epochs"] = BudgetRuns(p, e, at)
+    return dict(sorted(out.items(), key=lambda kv: kv[1].epoch))  # shortest budget first
 
 
 def budget_rows(budgets: dict[str, dict[Key, Any]], variants: Sequence[str] = BUDGET_VARIANTS) -> list[dict[str, Any]]:
@@ -698,7 +726,7 @@ def budget_rows(budgets: dict[str, dict[Key, Any]], variants: Sequence[str] = BU
             keys = [k for k in runs if k[0] == v]
             if not keys:
                 continue
-            p = load_profile(name)
+            p, epoch = budget_of(name, runs)
             depth = keys[0][1]
             mine = {k: runs[k] for k in keys}
             n = lk_images(mine.values())
@@ -707,7 +735,7 @@ def budget_rows(budgets: dict[str, dict[Key, Any]], variants: Sequence[str] = BU
                      for m in ("train_L1", "test_L1", "test_LK")}
             lk = cells["test_LK"]
             rows.append({"model": f"{VARIANTS[v]['label']} {depth}-layer", "profile": name,
-                         "epochs": f"{p.epochs} (warm-up {p.warmup_epochs})",
+                         "epochs": f"{epoch} (warm-up {p.warmup_epochs})",
                          "seeds": seeds_cell(list(cells.values()), len(p.seeds)),
                          "train L1": cells["train_L1"].cell(seeds=False), "test L1": cells["test_L1"].cell(seeds=False),
                          "test L_K": (_lk_label(k, n), *_tuple(lk.cell(seeds=False))) if lk.value is not None else None,
@@ -716,6 +744,52 @@ def budget_rows(budgets: dict[str, dict[Key, Any]], variants: Sequence[str] = BU
 
 
 BUDGET_COLUMNS = ("model", "profile", "epochs", "seeds", "train L1", "test L1", "test L_K")
+
+
+def step_text(runs: Iterable) -> str:
+    """The training step the runs' configs record: "fp32", "bf16, compiled" (several: joined by " / ")."""
+    steps = {f"{r.config.train.precision}{', compiled' if r.config.train.compile else ''}" for r in runs
+             if r is not None}
+    return " / ".join(sorted(steps)) or "—"
+
+
+PAPER_GAP_COLUMNS = ("budget", "epochs", "seeds", "step", "test L1", "test L_K")
+
+
+def paper_gap_rows(budgets: dict[str, dict[Key, Any]], verdicts: dict[str, dict[str, str]] | None = None,
+                   variant: str = "lvae_bn_wu") -> list[dict[str, Any]]:
+    """The 5-layer LVAE+BN+WU at every budget (:func:`budget_runs`) next to the paper's numbers for it
+    (section 3: test L1 −85.23, L5000 −82.12): per bound, the test images, our mean over the seeds with
+    its 95 % CI (one seed: the test-image s.e.), the gap (ours − paper; negative: ours is lower) and the
+    verdict of ``verdicts``: {budget: {claim id: verdict}} (:func:`lvae.claims.budget_verdicts`, claims
+    ``lvae-L1`` and ``lvae-L5000``). The gap on L_K is shown only where ours is L5000, the paper's bound."""
+    ref_l1, ref_lk = paper.get("mnist_lvae5_test_L1"), paper.get("mnist_lvae5_test_L5000")
+    rows = []
+    for name, runs in budgets.items():
+        p, epoch = budget_of(name, runs)
+        mine = {k: r for k, r in runs.items() if k[0] == variant and k[1] == 5}
+        if p.dataset != "mnist" or not mine:
+            continue
+        n = lk_images(mine.values())
+        k = iw_k(mine.values(), p.iw_k)
+        l1 = seed_mean(mine, variant, 5, "test_L1", seeds=p.seeds)
+        lk = seed_mean(mine, variant, 5, "test_LK", n, p.seeds)
+        said = (verdicts or {}).get(name, {})
+        n_test = final(_any_run(mine, (variant, 5)), "n_test") or 0
+
+        def cell(what: str, est: SeedMean, ref, claim: str, comparable: bool = True):
+            if est.value is None:
+                return None
+            gap = f"gap {est.value - ref.value:+.2f}" if comparable else "no gap (not L5000)"
+            return (what, *_tuple(est.cell(seeds=False)), gap, *((said[claim],) if claim in said else ()))
+
+        rows.append({
+            "budget": name, "epochs": f"{epoch} (warm-up {p.warmup_epochs})", "seeds": seeds_cell([l1, lk], len(p.seeds)),
+            "step": step_text(mine.values()),
+            "test L1": cell(f"L1 ({n_test:,} images)", l1, ref_l1, "lvae-L1"),
+            "test L_K": cell(_lk_label(k, n), lk, ref_lk, "lvae-L5000", k == 5000),
+            "estimates": {"test_L1": l1, "test_LK": lk}})
+    return rows
 
 
 def full_test_lk_rows(budgets: dict[str, dict[Key, Any]], ref: str = "lvae_bn_wu") -> list[dict[str, Any]]:
@@ -750,14 +824,14 @@ def budget_differences(budgets: dict[str, dict[Key, Any]], a: str = "lvae_bn_wu"
     rows = []
     for name, runs in budgets.items():
         depth = next(iter(runs))[1]
-        p = load_profile(name)
+        p, epoch = budget_of(name, runs)
         mine = {k: r for k, r in runs.items() if k[0] in (a, b)}
         n = lk_images(mine.values())
         k = iw_k(mine.values(), p.iw_k)
         d1 = difference(mine, (a, depth), (b, depth), "test_L1")
         dk = difference(mine, (a, depth), (b, depth), "test_LK", n) if n else None
         seeds = [seed_mean(mine, v, depth, "test_L1", seeds=p.seeds) for v in (a, b)]
-        rows.append({"profile": name, "epochs": p.epochs, "seeds": seeds_cell(seeds, len(p.seeds), min),
+        rows.append({"profile": name, "epochs": epoch, "seeds": seeds_cell(seeds, len(p.seeds), min),
                      "test L1": None if d1 is None else d1.text(),
                      "test L_K": None if dk is None else (_lk_label(k, n), dk.text()),
                      "estimates": {"test_L1": d1, "test_LK": dk}})

@@ -41,8 +41,10 @@ from typing import Any, Sequence
 
 import yaml
 
+from . import analysis, paper, plots
 from .analysis import short_device
 from .datasets import DATASETS
+from .profile_runs import get_run, grid_runs, seed_runs
 from .profiles import available, experiment, load_profile
 from .runs import RESULTS_ENV, Run, list_runs
 from .storage import RunError
@@ -62,11 +64,9 @@ PARAMETERS: dict[str, tuple[str, str, str]] = {
     "seed": ("seeds", "an integer >= 0", "1"),
 }
 OVERRIDES = {name: field for name, (field, _, _) in PARAMETERS.items()}
-# the names every chapter uses, put into its namespace by setup(): name -> (module, attribute or None)
-CHAPTER_NAMES = {"analysis": ("lvae.analysis", None), "paper": ("lvae.paper", None), "plots": ("lvae.plots", None),
-                 "glue": ("lvae.book", "glue"), "table": ("lvae.book", "table"),
-                 "get_run": ("lvae.profile_runs", "get_run"), "grid_runs": ("lvae.profile_runs", "grid_runs"),
-                 "seed_runs": ("lvae.profile_runs", "seed_runs")}
+# the names every chapter uses, put into its namespace by setup(): modules and functions imported
+# above (plain imports, which the import graph and tests/test_structure.py see) or defined here
+CHAPTER_NAMES = ("analysis", "paper", "plots", "glue", "table", "get_run", "grid_runs", "seed_runs")
 # training-set sizes, to scale a committed run's epoch time to a subset (a rough time estimate only)
 _TRAIN_IMAGES = {"mnist": 60_000}
 _TEST_IMAGES = {"mnist": 10_000}
@@ -230,6 +230,7 @@ def _estimate(cfg, P, references: list) -> tuple[float, str] | None:
             n_evals = P.epochs // P.eval_every + (P.epochs % P.eval_every > 0)
             seconds += rest / ref_images * n_evals * ((P.test_subset or test) + (P.eval_train_subset or full))
         if iw:  # the importance-weighted evaluation(s): final, and every iw_every epochs
+            # a plan, not a report: the K the run to train will use (P.iw_k) over the K the reference measured
             n_iw = P.iw_subset or P.test_subset or _TEST_IMAGES.get(tcfg.dataset, iw[-1]["n_iw"])
             n_evals = 1 + (P.epochs - 1) // P.iw_every if P.iw_every else 1
             seconds += n_evals * iw[-1]["iw_seconds"] * (P.iw_k * n_iw) / (iw[-1]["iw_k"] * iw[-1]["n_iw"])
@@ -352,9 +353,7 @@ def setup(namespace: dict[str, Any]):
     plan = plan_registry(P)
     plan.apply()
     print(plan.describe())
-    for name, (module, attr) in CHAPTER_NAMES.items():
-        mod = importlib.import_module(module)
-        namespace[name] = mod if attr is None else getattr(mod, attr)
+    namespace.update({name: globals()[name] for name in CHAPTER_NAMES})
     try:
         from IPython import get_ipython
 

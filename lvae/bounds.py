@@ -201,7 +201,7 @@ def _iw_log_weights(model: HierarchicalVAE, x: torch.Tensor, up, n: int,
     (:meth:`~lvae.models.LayerSample.log_ratio_x2`), and log p(x|z_1) is the likelihood's
     evaluation form with buffers reused over the chunks (``add_log_prob`` of :mod:`lvae.layers`).
     """
-    layers, _ = model.posterior(up, n, generator)
+    layers = model.posterior(up, n, generator)
     lw = None
     for layer in layers:
         term = layer.log_ratio_x2()

@@ -7,8 +7,9 @@ run with more epochs), so one run per model and seed gives every budget on the w
 - LVAE+BN+WU-5 and VAE+BN+WU-5, seeds 0, 1 and 2, to 300 epochs;
 - seed 0 of both on to 1,000 and 2,000 epochs;
 - at every milestone (300, 1,000, 2,000) the full evaluation: per-unit KL, test L1 and L_5000 with
-  per-image values (L_5000 on the first 2,000 test images) and the fp16 weights kept as
-  ``model-fp16-e<E>.pt``; at 2,000 epochs also L_5000 on all 10,000 test images (``evals.jsonl``);
+  per-image values (L_5000 on the first 2,000 test images) and the fp16 weights of that epoch kept
+  (``model-fp16-e<E>.pt`` where the run goes on; where it ends, its ``model-fp16.pt``, which
+  records its epoch); at 2,000 epochs also L_5000 on all 10,000 test images (``evals.jsonl``);
 - between milestones, train and test L1 every 10 epochs (test L1 on all 10,000 test images).
 
 These runs are the ``paper`` profile's runs of these cells with the compiled fp32 step
@@ -47,18 +48,20 @@ import torch
 from .config import EvalConfig, RunConfig
 from .datasets import load_dataset
 from .engine import get_or_train
-from .profiles import experiment
-from .runs import WEIGHTS_FP16, Run, evaluate_run, load_checkpoint
+from .profiles import experiment, load_profile
+from .runs import WEIGHTS_FP16, Run, load_checkpoint
 from .storage import RunLockedError, atomic_write_bytes
+from .train import evaluate_run
 
 HOME_ENV = "LVAE_LONG_RUNS"
 VARIANTS = ("lvae_bn_wu", "vae_bn_wu")
 DEPTH = 5
 SEEDS = (0, 1, 2)
-MILESTONES = (300, 1000, 2000)  # full evaluations and kept weights
+MILESTONES = load_profile("paper").milestones  # (300, 1000, 2000): full evaluations and kept weights
+LK_IMAGES = 2000  # test images of the L_5000 at each milestone (all 10,000 at the last: FULL_TEST_EPOCH)
 FIRST_BUDGET = 300  # every seed trains this far
 LONG_SEEDS = (0,)  # these go on to the paper's 2,000 epochs
-FULL_TEST_EPOCH = 2000  # L_5000 on all test images
+FULL_TEST_EPOCH = MILESTONES[-1]  # L_5000 on all test images
 FULL_TEST_IMAGES = 10000
 THREADS = 1  # torch threads per worker, the same at every resume
 WORKERS = 2
@@ -80,9 +83,11 @@ def run_config(variant: str, seed: int) -> RunConfig:
 
 
 def eval_config() -> EvalConfig:
-    """L1 (train: 10,000 images; test: all 10,000) and per-unit KL every 10 epochs; L_5000 on the
-    first 2,000 test images at the end of each stage (= each milestone)."""
-    return EvalConfig(every=10, iw_k=5000, iw_every=0, test_subset=None, iw_subset=2000, train_subset=10000)
+    """The ``paper`` profile's evaluation (L1 on 10,000 training and all 10,000 test images and
+    per-unit KL every 10 epochs, K = 5000), with L_K only at the end of each stage (= each
+    milestone) and on the first 2,000 test images: L_5000 on the whole test set every 100 epochs
+    would cost about 20 minutes of a CPU core each time."""
+    return dataclasses.replace(experiment("paper", VARIANTS[0], DEPTH)[1], iw_every=0, iw_subset=LK_IMAGES)
 
 
 @dataclass(frozen=True)
@@ -126,14 +131,25 @@ def _full_test_eval(run: Run, epochs: int) -> dict | None:
                  and r.get("n_iw") == r.get("n_test") == FULL_TEST_IMAGES), None)
 
 
-def stage_done(stage: Stage, root: Path | None = None) -> bool:
+def _goes_on(stage: Stage, stages: list[Stage]) -> bool:
+    """Whether the plan trains the run of ``stage`` past its epochs (its fp16 weights then move on)."""
+    return any((s.variant, s.seed) == (stage.variant, stage.seed) and s.epochs > stage.epochs for s in stages)
+
+
+def stage_done(stage: Stage, root: Path | None = None, stages: list[Stage] | None = None) -> bool:
+    """Whether ``stage`` is done: its evaluation recorded, or the run at least at its epochs with the
+    milestone's fp16 weights kept (``model-fp16-e<E>.pt`` where the run goes on past E; the run's own
+    ``model-fp16.pt``, which records its epoch, where it ends there)."""
     run = _run(stage, root or home())
     if run is None:
         return False
     if stage.full_test:
         return _full_test_eval(run, stage.epochs) is not None
-    return run.epochs > stage.epochs or (run.epochs == stage.epochs and run.status == "complete"
-                                         and (run.path / MILESTONE_WEIGHTS.format(epoch=stage.epochs)).exists())
+    if run.epochs > stage.epochs:
+        return True
+    kept = (run.path / MILESTONE_WEIGHTS.format(epoch=stage.epochs)).exists() \
+        if _goes_on(stage, plan() if stages is None else stages) else (run.path / WEIGHTS_FP16).exists()
+    return run.epochs == stage.epochs and run.status == "complete" and kept
 
 
 def keep_milestone(run: Run, epochs: int) -> Path:
@@ -149,8 +165,9 @@ def keep_milestone(run: Run, epochs: int) -> Path:
     return dest
 
 
-def run_stage(stage: Stage, root: Path, data, progress: bool = True) -> Run:
-    """Do one stage (train and keep the milestone, or the full-test evaluation); returns its run."""
+def run_stage(stage: Stage, root: Path, data, progress: bool = True, keep: bool = True) -> Run:
+    """Do one stage (train, and with ``keep`` keep the milestone's weights, or the full-test
+    evaluation); returns its run."""
     if stage.full_test:
         run = _run(stage, root)
         if run is None or run.epochs != stage.epochs:
@@ -159,14 +176,14 @@ def run_stage(stage: Stage, root: Path, data, progress: bool = True) -> Run:
         return run
     run = get_or_train(stage.config, stage.epochs, eval_config(), root=registry(root), device="cpu",
                        progress=progress, data=data)
-    if run.epochs == stage.epochs:
+    if keep and run.epochs == stage.epochs:
         keep_milestone(run, stage.epochs)
     return run
 
 
 def _ready(stage: Stage, stages: list[Stage], root: Path) -> bool:
     """Every earlier stage of the same run is done."""
-    return all(stage_done(s, root) for s in stages
+    return all(stage_done(s, root, stages) for s in stages
                if (s.variant, s.seed) == (stage.variant, stage.seed) and (s.epochs, s.full_test) <
                (stage.epochs, stage.full_test))
 
@@ -180,7 +197,7 @@ def work(root: Path | None = None, reverse: bool = False, threads: int = THREADS
     stages = stages if stages is not None else plan()
     data = None
     while True:
-        todo = [s for s in stages if not stage_done(s, root) and _ready(s, stages, root)]
+        todo = [s for s in stages if not stage_done(s, root, stages) and _ready(s, stages, root)]
         for stage in reversed(todo) if reverse else todo:
             if data is None and not stage.full_test:
                 tcfg = stage.config.train
@@ -188,11 +205,11 @@ def work(root: Path | None = None, reverse: bool = False, threads: int = THREADS
             t0 = time.time()
             log(f"{time.strftime('%H:%M:%S')} start {stage.label()}")
             try:
-                run = run_stage(stage, root, data, progress)
+                run = run_stage(stage, root, data, progress, keep=_goes_on(stage, stages))
             except RunLockedError:
                 log(f"{stage.label()}: trained by another worker, skipped")
                 continue
-            if not stage_done(stage, root):  # a stage that cannot finish would be redone forever
+            if not stage_done(stage, root, stages):  # a stage that cannot finish would be redone forever
                 raise RuntimeError(f"{stage.label()}: finished, but the run does not show it done ({run.status}, "
                                    f"{run.epochs} epochs); see {run.path}")
             m = run.metrics()[-1] if run.metrics() else {}
@@ -309,10 +326,13 @@ def main(argv: list[str] | None = None) -> None:
     elif ns.cmd == "work":
         work(reverse=ns.reverse, threads=ns.threads, log=lambda s: print(s, flush=True))
     else:
+        def num(v, fmt="{:.2f}"):
+            return "—" if v is None else fmt.format(v)
+
         for row in status():
-            extra = "" if row["epochs"] == 0 else (
-                f"  test L1 {row['test_L1']:.2f}  L5000@{row['LK_epoch']} {row['test_LK'] or float('nan'):.2f}  "
-                f"{row['seconds_per_epoch'] or float('nan'):.1f} s/epoch  milestones {row['milestones']}")
+            extra = "" if "milestones" not in row else (
+                f"  test L1 {num(row['test_L1'])}  L5000 {num(row['test_LK'])} (epoch {num(row['LK_epoch'], '{}')})  "
+                f"{num(row['seconds_per_epoch'], '{:.1f}')} s/epoch  milestones kept {row['milestones']}")
             print(f"{row['run']}: {row['epochs']}/{row['target']} {row['status']}{extra}")
 
 

@@ -50,12 +50,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import paper, stats
-from .analysis import (ACTIVE_UNIT_THRESHOLD, active_units, at_epoch, best_model, final, history, lk_counts,
+from . import analysis, paper, stats
+from .analysis import (ACTIVE_UNIT_THRESHOLD, active_units, at_epoch, best_lk, best_model, final, history, lk_counts,
                        run_active_units, run_contrast, run_kl_units)
 from .book import COMMITTED, repository
 from .experiments import FIG3_VARIANTS, VARIANTS, finetune_config
@@ -494,8 +494,31 @@ def metric_contrast(reg: Registry, terms: Sequence[tuple[float, Any]],
     if any(not c.runs for c in cells):
         return None, "", [n for c in cells if not c.runs for n in c.notes]
     notes = [n for c in cells for n in c.notes]
-    est, how = run_contrast([(w, c.runs) for (w, _), c in zip(terms, cells)], metric, k=reg.P.iw_k)
+    k, differ = measured_k(r for c in cells for r in c.runs) if metric == LK else (None, None)
+    if differ:  # L_K with different K: no contrast
+        return None, "", notes + [differ]
+    est, how = run_contrast([(w, c.runs) for (w, _), c in zip(terms, cells)], metric, k=k)
     return (est, how, notes) if est is not None else (None, "", notes + [how])
+
+
+def measured_k(runs: Iterable[Run]) -> tuple[int | None, str | None]:
+    """The K of the L_K that ``runs`` measured, read from the rows that measured it (each run's final
+    L_K: :func:`lvae.analysis.best_lk`), not from the profile. (K, None) when every run with an L_K
+    used the same K (None: no run has one); (None, a note naming each K and its runs) when they differ."""
+    ks: dict[int, list[str]] = {}
+    for r in runs:
+        lk = best_lk(r)
+        if lk is not None and lk["k"] is not None:
+            ks.setdefault(int(lk["k"]), []).append(r.name)
+    if len(ks) <= 1:
+        return next(iter(ks), None), None
+    return None, "L_K measured with different K: " + "; ".join(
+        f"L{k} by {', '.join(names)}" for k, names in sorted(ks.items()))
+
+
+def _k(reg: Registry, specs, metric: str) -> int | None:
+    """K of an L_K part: the one its models' runs measured (None for L1, or when their K differ)."""
+    return None if metric == L1 else measured_k(r for s in specs for r in reg.cell(s).runs)[0]
 
 
 def seed_contrast(reg: Registry, terms: Sequence[tuple[float, Any]], fn: Callable[[Run], float | None],
@@ -581,7 +604,8 @@ def _best_vae(reg: Registry, metric: str) -> tuple[Any, str | None]:
     runs = {(*spec, i): r for spec in reg.vae_cells() for i, r in enumerate(reg.cell(spec).runs)}
     n = None
     if metric != L1:
-        common = set.intersection(*[lk_counts(r, reg.P.iw_k) - {None} for r in runs.values()] or [set()])
+        k = measured_k(runs.values())[0]
+        common = set.intersection(*[lk_counts(r, k) - {None} for r in runs.values()] or [set()])
         n = max(common) if common else None
     best = best_model(runs, metric, _VAES, n)
     return best, None if best is None else f"our best VAE: {reg.label(best)}"
@@ -600,9 +624,10 @@ def _cmp_part(reg: Registry, a, b, metric: str, test: Criterion | None = None, l
     if a is None or b is None:
         return Part(label or "A − B", None, test or Criterion("greater"), "", na + nb)
     est, how, notes = metric_contrast(reg, [(1.0, a), (-1.0, b)], metric)
-    name = "L1" if metric == L1 else f"L{reg.P.iw_k}"
+    k = _k(reg, [a, b], metric)
+    name = "L1" if metric == L1 else f"L{k or '_K'}"
     return Part(label or f"{reg.label(a)} − {reg.label(b)} ({name})", est, test or Criterion("greater"), how,
-                na + nb + notes, _epochs(reg, [a, b]), None if metric == L1 else reg.P.iw_k, specs=(a, b))
+                na + nb + notes, _epochs(reg, [a, b]), k, specs=(a, b))
 
 
 def _epochs(reg: Registry, specs) -> int | None:
@@ -666,8 +691,8 @@ def ev_value(reg, cell, metric, key):
     if spec is None:
         return [Part(ref.model, None, test, "", notes)]
     est, how, n2 = metric_contrast(reg, [(1.0, spec)], metric)
-    return [Part(reg.label(spec), est, test, how, notes + n2, _epochs(reg, [spec]),
-                 None if metric == L1 else reg.P.iw_k, specs=(spec,))]
+    return [Part(reg.label(spec), est, test, how, notes + n2, _epochs(reg, [spec]), _k(reg, [spec], metric),
+                 specs=(spec,))]
 
 
 def ev_values(reg, variant, keys):
@@ -680,12 +705,12 @@ def ev_values(reg, variant, keys):
 
 def ev_vs_others(reg, cell, above, near):
     est, how, notes = metric_contrast(reg, [(1.0, cell)], LK)
-    ep = _epochs(reg, [cell])
+    ep, iw_k = _epochs(reg, [cell]), _k(reg, [cell], LK)
     parts = [Part(f"ours − {paper.get(k).model}", None if est is None else _shift(est, paper.get(k).value),
-                  Criterion("greater", 0.0, budget_limited=True), how, notes, ep, reg.P.iw_k, specs=(cell,))
+                  Criterion("greater", 0.0, budget_limited=True), how, notes, ep, iw_k, specs=(cell,))
              for k in above]
     parts += [Part(f"ours vs {paper.get(k).model}", est, Criterion("within", paper.get(k).value, VALUE_TOLERANCE_NATS,
-                                                              budget_limited=True), how, notes, ep, reg.P.iw_k,
+                                                              budget_limited=True), how, notes, ep, iw_k,
                    specs=(cell,)) for k in near]
     return parts
 
@@ -979,9 +1004,13 @@ class Budget:
     def evaluate(self, root=None) -> list[Row]:
         return evaluate(self.profile, root, epoch=self.epoch, seed_term_epoch=self.seed_term_epoch)
 
-    def text(self) -> str:
-        """The budget sentence for captions (:meth:`lvae.profiles.Profile.budget`) at this epoch."""
-        text = load_profile(self.profile).budget(self.epoch)
+    def text(self, root=None) -> str:
+        """The budget sentence for captions (:meth:`lvae.profiles.Profile.budget`) at this epoch, with the
+        training step and the L_K test images of the runs that reached it (registry ``root``)."""
+        p = load_profile(self.profile)
+        runs = [analysis.at_epoch(r, self.epoch) for r in analysis.profile_runs(p, root).values() if r is not None]
+        runs = [r for r in runs if r.ok]
+        text = p.budget(self.epoch, analysis.step_text(runs) if runs else None, analysis.lk_images(runs))
         if self.seed_term_epoch is not None:
             text += (f"; a comparison with one seed takes its seed term from the same comparison at "
                      f"{self.seed_term_epoch} epochs")
@@ -990,6 +1019,29 @@ class Budget:
 
 # the paper's budget on the way: seeds 0-2 at 300 epochs; seed 0 at 2,000 (seed term from 300 epochs)
 PAPER_BUDGETS = (Budget("paper", 300), Budget("paper", 2000, seed_term_epoch=300))
+
+
+def budget_of_runs(name: str, runs: dict) -> Budget:
+    """The :class:`Budget` of an entry of :func:`lvae.analysis.budget_runs`: a profile at its epochs, or,
+    for a profile with milestones, at one of them, a one-seed part borrowing its seed term from the first."""
+    p, epoch = analysis.budget_of(name, runs)
+    if not p.milestones:
+        return Budget(p.name)
+    first = p.milestones[0]
+    return Budget(p.name, epoch, seed_term_epoch=first if epoch != first else None)
+
+
+def budget_verdicts(budgets: dict[str, dict], ids: Sequence[str] = ("lvae-L1", "lvae-L5000"),
+                    root=None) -> dict[str, dict[str, str]]:
+    """{budget name: {claim id: verdict}} of the claims ``ids`` at every budget of
+    :func:`lvae.analysis.budget_runs` (for :func:`lvae.analysis.paper_gap_rows`)."""
+    chosen = [CLAIMS_BY_ID[i] for i in ids]
+    out = {}
+    for name, runs in budgets.items():
+        b = budget_of_runs(name, runs)
+        rows = evaluate(b.profile, root, claims=chosen, epoch=b.epoch, seed_term_epoch=b.seed_term_epoch)
+        out[name] = {r.id: r.verdict for r in rows}
+    return out
 
 
 def verdict_counts(evaluated: Sequence[Row]) -> dict[str, int]:
@@ -1013,11 +1065,12 @@ def summary_rows(by_profile: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def profiles_with_runs(root=None, names: Sequence[str] | None = None) -> list[str]:
-    """The profiles (of ``names``, default all) with at least one complete run of theirs in the registry."""
+def profiles_with_runs(root=None, names: Sequence[str] | None = None, epoch: int | None = None) -> list[str]:
+    """The profiles (of ``names``, default all) with at least one complete run of theirs in the registry
+    (at ``epoch``: a run that reached it; default: each profile's epochs)."""
     out = []
     for name in names or available():
-        reg = Registry(name, root)
+        reg = Registry(name, root, epoch=epoch)
         cells = [(v, d) for v in reg.P.variants for d in reg.P.depths]
         if any(reg.cell(c).runs for c in cells):
             out.append(name)
@@ -1041,16 +1094,20 @@ BOOK_PROFILES = ("cpu", "cpu-long", "paper")  # the budgets the book shows whene
 
 @dataclass
 class Evaluation:
-    """Every claim on one profile's runs."""
+    """Every claim on one budget's runs: a profile at its epochs, or at ``budget.epoch``."""
 
     profile: Profile
     rows: list[Row]
     root: Path
+    budget: Budget | None = None
+
+    def budget_text(self) -> str:
+        return self.budget.text(self.root) if self.budget is not None else self.profile.budget()
 
 
 def book_evaluations(P: Profile, names: Sequence[str] = BOOK_PROFILES) -> dict[str, Evaluation]:
-    """This build's profile ``P`` (on the registry the chapter reads), then each profile of ``names``
-    that has runs, read from that registry or else from the repository's committed ``results/`` (a
+    """This build's profile ``P`` (on the registry the chapter reads), then each budget of the profiles
+    ``names`` that has runs (the paper's: at 300 and at 2,000 epochs, :data:`PAPER_BUDGETS`), read from that registry or else from the repository's committed ``results/`` (a
     chapter may read a scratch copy that holds only its own profile's runs). Read-only."""
     root = results_dir()
     roots = [root]
@@ -1061,7 +1118,13 @@ def book_evaluations(P: Profile, names: Sequence[str] = BOOK_PROFILES) -> dict[s
     for name in names:
         if name in out:
             continue
-        where = next((r for r in roots if profiles_with_runs(r, [name])), None)
-        if where is not None:
-            out[name] = Evaluation(load_profile(name), evaluate(name, where), where)
+        p = load_profile(name)
+        # a profile with milestones (the paper's) is one budget per milestone its runs reached: the first
+        # (every seed) and the last (the paper's epochs; one seed borrows its seed term from the first)
+        budgets = [Budget(name)] if not p.milestones else \
+            [Budget(name, p.milestones[0]), Budget(name, p.milestones[-1], seed_term_epoch=p.milestones[0])]
+        for b in budgets:
+            where = next((r for r in roots if profiles_with_runs(r, [name], b.epoch)), None)
+            if where is not None:
+                out[b.name] = Evaluation(p, b.evaluate(where), where, b)
     return out

@@ -1,10 +1,10 @@
 """Command line: ``lvae train``, ``lvae eval``, ``lvae runs``, ``lvae data``, ``lvae book``.
 
 Every ModelConfig / TrainConfig / EvalConfig field is an option (``--latent-sizes 64,32``,
-``--no-batch-norm``, ``--lr 1e-3``, ``--eval-every 1`` ...). ``lvae train --profile NAME`` takes the
-budget from lvae/profiles.yml: ``--profile cpu --variant V --depth D [--seed S]`` is the run
-``lvae.profiles.experiment("cpu", V, D, S)``, the one the book reads. :func:`lvae.commands.train_command` is the
-inverse: the command that makes a given run.
+``--no-batch-norm``, ``--lr 1e-3``, ``--eval-every 1``, ``--iw-k 50`` as ``lvae eval`` spells it ...).
+``lvae train --profile NAME`` takes the budget from lvae/profiles.yml: ``--profile cpu --variant V
+--depth D [--seed S]`` is the run ``lvae.profiles.experiment("cpu", V, D, S)``, the one the book reads.
+:func:`lvae.commands.train_command` is the inverse: the command that makes a given run.
 
 Invalid options or values (a device this machine lacks, an --out that is a file, a subset larger
 than the dataset, a warm-up the training never finishes) are refused before anything is created,
@@ -28,15 +28,16 @@ from .config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from .executors import EXECUTORS, JOBS_DIR, JobOptions, require_submitit, train_grid_on
 from . import datasets
 from .bookbuild import BookError, build, parse_params, sync_notebooks
-from .commands import cli_value, option_name
+from .commands import cli_value, option_aliases, option_name
 from .datasets import DATASETS, DataError, load_dataset
 from .engine import get_or_train
 from .experiments import DEPTHS, VARIANTS, run_config
 from .experiments import grid as named_grid
 from .grid import train_grid
 from .profiles import experiment, load_profile, profile_grid
-from .runs import CHECKPOINT, WEIGHTS_FP16, check_run_name, evaluate_run, open_run, registry_rows, results_dir
+from .runs import CHECKPOINT, WEIGHTS_FP16, check_run_name, open_run, registry_rows, results_dir
 from .storage import RunError
+from .train import evaluate_run
 from .training import check_init_from
 from .warmup import warmup_beta
 
@@ -117,6 +118,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             else:
                 group.add_argument(opt, dest=dest, type=_converter(hints[f.name]), default=argparse.SUPPRESS,
                                    metavar="V", help=f"default {cli_value(f.default)}")
+            for alias in option_aliases(section, f.name):  # an older spelling (--eval-iw-k): parses, not listed
+                group.add_argument(alias, dest=dest, type=_converter(hints[f.name]), default=argparse.SUPPRESS,
+                                   help=argparse.SUPPRESS)
 
 
 def _overrides(ns: argparse.Namespace, section: str) -> dict[str, Any]:
@@ -164,9 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a stored run (L1, per-unit KL, importance-weighted L_K)")
     e.add_argument("run", help="run directory, name or unique prefix")
-    e.add_argument("--iw-k", type=_positive_int, default=5000, help="K of the importance-weighted bound L_K (default 5000)")
+    e.add_argument("--iw-k", type=_positive_int, default=EvalConfig().iw_k,
+                   help="K of the importance-weighted bound L_K (default %(default)s)")
     e.add_argument("--test-subset", type=_positive_int, default=None, help="first n test images (default: all)")
-    e.add_argument("--chunk", type=_positive_int, default=500, help="importance samples per chunk")
+    e.add_argument("--chunk", type=_positive_int, default=EvalConfig().iw_chunk,
+                   help="importance samples per chunk (default %(default)s)")
     e.add_argument("--out", default=None, help="results directory (default: $LVAE_RESULTS or ./results)")
     e.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
 

@@ -19,9 +19,20 @@ def opt(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# evaluation fields whose option has no ``--eval-`` prefix: spelled as ``lvae eval`` spells them
+# (``--iw-k``); the prefixed spelling (``--eval-iw-k``) still parses, as a hidden alias
+UNPREFIXED_EVAL_FIELDS = ("iw_k",)
+
+
 def option_name(section: str, field: str) -> str:
-    """The ``lvae train`` option of config field ``field`` of ``section`` (model | train | eval)."""
-    return opt("eval_" + field) if section == "eval" else opt(field)
+    """The ``lvae train`` option of config field ``field`` of ``section`` (model | train | eval):
+    ``--field-name``, with ``--eval-`` before an evaluation field (but ``--iw-k``, as in ``lvae eval``)."""
+    return opt("eval_" + field) if section == "eval" and field not in UNPREFIXED_EVAL_FIELDS else opt(field)
+
+
+def option_aliases(section: str, field: str) -> list[str]:
+    """Older spellings of the option of ``field`` that still parse (hidden from ``-h``): ``--eval-iw-k``."""
+    return [opt("eval_" + field)] if section == "eval" and field in UNPREFIXED_EVAL_FIELDS else []
 
 
 def cli_value(value: Any) -> str:

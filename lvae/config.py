@@ -179,7 +179,7 @@ class TrainConfig:
     adam_eps: float = 1e-4
     clip_norm: float = 4.0  # rescale gradients to total norm <= clip_norm (0 = off)
     clip_value: float = 0.9  # then clip every element to +-clip_value (0 = off)
-    warmup_epochs: int = 200  # Nt; 0 = no warm-up (beta = 1 throughout)
+    warmup_epochs: int = 200  # Nt (the paper's); 0 = no warm-up (beta = 1 throughout). Written only here
     eq_samples: int = 1  # the training objective (authors' code): eq_samples x iw_samples posterior samples
     iw_samples: int = 1  # per image, importance-weighted over iw_samples (IWAE); the test bound's K is EvalConfig.iw_k
     analytic_kl: bool = True  # analytic per-layer KL where both Gaussians are known (eq=iw=1 only)
@@ -222,10 +222,13 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     """When and how a training run evaluates itself. Not part of the run key: it does not change
-    the trajectory (evaluation uses its own random generators)."""
+    the trajectory (evaluation uses its own random generators).
+
+    Its defaults, like TrainConfig's, are the only place they are written: a profile that omits a key,
+    ``run_config``, ``lvae eval`` / ``evaluate_run`` and the paper's budget (lvae.protocol) read them."""
 
     every: int = 10  # train/test L1 and per-unit KL every `every` epochs (and at the last epoch)
-    iw_k: int = 5000  # K of the importance-weighted test bound L_K
+    iw_k: int = 5000  # K of the importance-weighted test bound L_K (the paper's). Written only here
     iw_every: int = 0  # L_K every `iw_every` epochs (0 = only at the last epoch of a call)
     test_subset: int | None = None  # first n test images for L1 and KL (None = all 10,000)
     iw_subset: int | None = None  # first n of those for L_K (None = the same images)

@@ -26,12 +26,13 @@ FIG3_VARIANTS = ("vae", "vae_bn", "vae_bn_wu", "lvae_bn_wu")  # the four models 
 DEPTHS = (1, 2, 3, 4, 5)
 
 
-def run_config(variant: str, depth: int, *, dataset: str = "mnist", warmup_epochs: int = 200,
+def run_config(variant: str, depth: int, *, dataset: str = TrainConfig().dataset,
+               warmup_epochs: int = TrainConfig().warmup_epochs,
                model: dict[str, Any] | None = None, **train: Any) -> RunConfig:
     """The run of ``variant`` (a key of VARIANTS) with ``depth`` stochastic layers.
 
-    ``warmup_epochs`` is N_t for the variants with warm-up (others get 0); ``model`` overrides
-    ModelConfig fields; other keywords override TrainConfig fields.
+    ``warmup_epochs`` is N_t for the variants with warm-up (others get 0; default: TrainConfig's, the
+    paper's N_t); ``model`` overrides ModelConfig fields; other keywords override TrainConfig fields.
     """
     if variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")

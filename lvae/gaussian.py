@@ -1,12 +1,14 @@
 """Diagonal-Gaussian and Bernoulli densities, the analytic KL and the precision-weighted merge.
 
 All functions work elementwise and return per-unit values; callers sum over the last dimension.
-Variances (``var``) are used throughout, as in the paper's notation (mu, sigma^2).
+Variances (``var``) are used throughout, as in the paper's notation (mu, sigma^2). :class:`Normal`
+and :class:`StandardNormal` are the same formulas as objects, the two kinds of Gaussian a layer of the
+models is judged by (a prior p(z_i|z_i+1) = N(mu_p, var_p), the top prior p(z_L) = N(0, I)).
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,52 @@ def precision_weighted(mu_hat: torch.Tensor, var_hat: torch.Tensor,
     var_q = 1.0 / (prec_hat + prec_p)
     mu_q = (mu_hat * prec_hat + mu_p * prec_p) * var_q
     return mu_q, var_q
+
+
+class Normal(NamedTuple):
+    """N(mu, var) with a diagonal covariance (per-unit mean and variance); a tuple ``(mu, var)``."""
+
+    mu: torch.Tensor
+    var: torch.Tensor
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Per-unit log N(z | mu, var)."""
+        return log_normal(z, self.mu, self.var)
+
+    def kl_from(self, q: Normal) -> torch.Tensor:
+        """Per-unit KL(q || N(mu, var)), in closed form."""
+        return kl_normal(q.mu, q.var, self.mu, self.var)
+
+    def log_ratio_x2(self, q: Normal, z: torch.Tensor) -> torch.Tensor:
+        """Per-unit 2 (log N(z | mu, var) - log q(z)) without the log 2 pi terms (they cancel), one fused
+        expression (the evaluation loop's importance weights)."""
+        return _minus_2_log_density(q, z) - torch.log(self.var) - (z - self.mu).square_() / self.var
+
+    def expand(self, k: int) -> Normal:
+        """The same Gaussian repeated over a leading sample dimension of size ``k`` (a view)."""
+        return Normal(self.mu.expand(k, *self.mu.shape), self.var.expand(k, *self.var.shape))
+
+
+class StandardNormal:
+    """N(0, I) of any shape (the top prior p(z_L), eq 2): the methods of :class:`Normal` with mu = 0 and
+    var = 1 written out, so no parameter tensors exist."""
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return log_standard_normal(z)
+
+    def kl_from(self, q: Normal) -> torch.Tensor:
+        return kl_standard_normal(q.mu, q.var)
+
+    def log_ratio_x2(self, q: Normal, z: torch.Tensor) -> torch.Tensor:
+        return _minus_2_log_density(q, z) - z.square()
+
+
+STANDARD_NORMAL = StandardNormal()
+
+
+def _minus_2_log_density(q: Normal, z: torch.Tensor) -> torch.Tensor:
+    """Per-unit -2 log q(z) - log 2 pi = log var + (z - mu)^2 / var."""
+    return torch.log(q.var) + (z - q.mu).square_() / q.var
 
 
 class NoiseReplay:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .gaussian import log_bernoulli_logits, log_normal
+from .gaussian import Normal, log_bernoulli_logits, log_normal
 
 RELU_GAIN = math.sqrt(2.0)
 
@@ -152,10 +152,10 @@ class GaussianHead(nn.Module):
         nn.init.constant_(self.var.bias, 1.0)
         self.eps = cfg.var_eps
 
-    def forward(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, d: torch.Tensor) -> Normal:
         d = _full_precision_input(d)
         with _no_autocast(d):  # bf16 mode: the heads (small GEMMs) and the densities stay fp32
-            return self.mu(d), F.softplus(self.var(d)) + self.eps
+            return Normal(self.mu(d), F.softplus(self.var(d)) + self.eps)
 
 
 class GaussianMLP(nn.Module):
@@ -168,7 +168,7 @@ class GaussianMLP(nn.Module):
         self.mlp = mlp
         self.head = head
 
-    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, y: torch.Tensor) -> Normal:
         return self.head(self.mlp(y))
 
 

@@ -2,45 +2,41 @@
 
 Each block (:class:`StochasticLayer`) owns what the paper attaches to its z_i:
 
-* the prior p(z_i|z_i+1) = N(mu_p, var_p), a :class:`~lvae.layers.GaussianMLP` of z_i+1 (eq 2;
-  the top block's prior is p(z_L) = N(0, I));
+* the prior p(z_i|z_i+1) = N(mu_p, var_p), a :class:`~lvae.layers.GaussianMLP` of z_i+1 (eq 2); the
+  top block's is :class:`StandardNormalPrior`, p(z_L) = N(0, I);
 * VAE (:class:`BottomUpLayer`): q(z_i|z_i-1) = N(mu_q, var_q), a GaussianMLP of z_i-1, z_0 = x (eqs 7-12);
 * LVAE (:class:`LadderLayer`): the deterministic upward Gaussian (mu_hat_i, var_hat_i) (eqs 13-15), the
-  top-down Gaussian from z_i+1 and their precision-weighted merge q(z_i|z_i+1, x) (eqs 16-19).
+  top-down Gaussian from z_i+1 and their precision-weighted merge q(z_i|z_i+1, x) (eqs 16-19);
+
+and both kinds of block draw their z_i the same way: ``q(...) -> LayerSample``, the sample with the
+Gaussians it was drawn from and is judged by; :meth:`LayerSample.kl_units` is the one place that takes
+the KL(q || p) and decides whether its closed form applies.
 
 The likelihood p(x|z_1) (eq 3) is :mod:`lvae.layers`' ``LIKELIHOODS``. :class:`HierarchicalVAE` runs
 the blocks in plain loops: :meth:`~HierarchicalVAE.upward` (the deterministic part of inference,
-once per input), :meth:`~HierarchicalVAE.posterior` (the stochastic part: top-down for the LVAE,
-bottom-up for the VAE; any layer's z can be given instead of drawn) and
+once per input), :meth:`~HierarchicalVAE.posterior` (the stochastic part: each block draws its z_i,
+top-down for the LVAE, bottom-up for the VAE; any layer's z can be given instead of drawn) and
 :meth:`~HierarchicalVAE.generate` (ancestral sampling, eqs 1-2, from any layer down).
 
 Layers are indexed 0..L-1 in code for z_1..z_L in the paper. Tensors of samples carry a leading
 sample dimension K: ``z`` is ``[K, B, d]``. Only the stochastic part of inference is expanded over
 the K samples, which is what makes K = 5000 affordable.
 
-Weights and checkpoints written before the blocks (``lvae_format`` 1) grouped the modules by role
-(``generative.top_down_mlps.{i}``, ``inference.up_heads.{i}``, ...): :meth:`HierarchicalVAE.load_state_dict`
-renames their keys (:func:`upgrade_state_dict`), and the parameters are listed in that role-by-role
-order, which the optimizer states of checkpoints and the rounding of the gradient norm depend on.
+Weights and checkpoints written before the blocks (``lvae_format`` 1) grouped the modules by role:
+:meth:`HierarchicalVAE.load_state_dict` renames their keys and the parameters are listed in that
+format's order (:mod:`lvae.checkpoint_format`).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .checkpoint_format import format_1_rank, key_pairs, upgrade_state_dict
 from .config import ModelConfig
-from .gaussian import (
-    kl_normal,
-    kl_standard_normal,
-    log_normal,
-    log_standard_normal,
-    precision_weighted,
-    sample_normal,
-)
+from .gaussian import STANDARD_NORMAL, Normal, StandardNormal, precision_weighted, sample_normal
 from .layers import LIKELIHOODS, MLP, GaussianHead, GaussianMLP
 
 
@@ -50,46 +46,41 @@ Latents = Mapping[int, Tensor] | Sequence[Tensor | None] | None
 
 @dataclass
 class LayerSample:
-    """One stochastic layer of one pass: the sample and both distributions it was judged by; for
-    the LVAE's layers below the top also the two Gaussians the merge combined (eqs 17-18)."""
+    """One stochastic layer of one pass: the sample ``z`` ``[K, B, d]``, the posterior ``q`` it was
+    drawn from and the prior ``p`` it is judged by (:class:`~lvae.gaussian.StandardNormal` for the
+    top layer); for the LVAE's layers below the top also the two Gaussians the merge combined
+    (eqs 17-18): ``up`` = (mu_hat, var_hat) ``[B, d]`` and ``down`` = (mu_t, var_t), the top-down
+    Gaussian from z_i+1. ``p`` is None only inside :meth:`HierarchicalVAE.posterior` (see there)."""
 
-    z: torch.Tensor  # [K, B, d]
-    mu_q: torch.Tensor
-    var_q: torch.Tensor
-    mu_p: torch.Tensor | None = None  # None for the top layer: p(z_L) = N(0, I)
-    var_p: torch.Tensor | None = None
-    mu_hat: torch.Tensor | None = None  # LVAE: the upward Gaussian, [B, d]
-    var_hat: torch.Tensor | None = None
-    mu_t: torch.Tensor | None = None  # LVAE: the top-down Gaussian from z_i+1
-    var_t: torch.Tensor | None = None
-
-    @property
-    def log_q(self) -> torch.Tensor:  # [K, B]
-        return log_normal(self.z, self.mu_q, self.var_q).sum(-1)
+    z: Tensor
+    q: Normal
+    p: Normal | StandardNormal | None
+    up: Normal | None = None
+    down: Normal | None = None
 
     @property
-    def log_p(self) -> torch.Tensor:  # [K, B]
-        if self.mu_p is None:
-            return log_standard_normal(self.z).sum(-1)
-        return log_normal(self.z, self.mu_p, self.var_p).sum(-1)
+    def log_q(self) -> Tensor:  # [K, B]
+        return self.q.log_prob(self.z).sum(-1)
 
-    def kl_units(self, analytic: bool) -> torch.Tensor:
-        """Per-unit KL(q || p) ``[K, B, d]``: closed form, or the one-sample estimate log q - log p."""
-        if analytic:
-            if self.mu_p is None:
-                return kl_standard_normal(self.mu_q, self.var_q)
-            return kl_normal(self.mu_q, self.var_q, self.mu_p, self.var_p)
-        log_p = log_standard_normal(self.z) if self.mu_p is None else log_normal(self.z, self.mu_p, self.var_p)
-        return log_normal(self.z, self.mu_q, self.var_q) - log_p
+    @property
+    def log_p(self) -> Tensor:  # [K, B]
+        return self.p.log_prob(self.z).sum(-1)
 
-    def log_ratio_x2(self) -> torch.Tensor:
+    def kl_units(self, analytic: bool = True) -> Tensor:
+        """Per-unit KL(q || p) ``[K, B, d]``. With ``analytic``, in closed form where q and p are both
+        Gaussians given the samples drawn before z_i: p = N(0, I) (the top layer), or q conditioned
+        on the z_i+1 that p is conditioned on (the LVAE: its top-down Gaussian ``down``). Elsewhere
+        (the VAE below the top, whose z_i+1 was drawn from q(z_i+1|z_i)), and without ``analytic``,
+        the one-sample estimate log q(z_i) - log p(z_i)."""
+        if analytic and (isinstance(self.p, StandardNormal) or self.down is not None):
+            return self.p.kl_from(self.q)
+        log_p = self.p.log_prob(self.z)
+        return self.q.log_prob(self.z) - log_p
+
+    def log_ratio_x2(self) -> Tensor:
         """2 (log p(z_i|.) - log q(z_i|.)) ``[K, B]`` without the log 2 pi terms (they cancel), as one
         fused expression: the importance-weight term of the evaluation loop (:mod:`lvae.bounds`)."""
-        z = self.z
-        log_q = torch.log(self.var_q) + (z - self.mu_q).square_() / self.var_q
-        if self.mu_p is None:
-            return (log_q - z.square()).sum(-1)
-        return (log_q - torch.log(self.var_p) - (z - self.mu_p).square_() / self.var_p).sum(-1)
+        return self.p.log_ratio_x2(self.q, self.z).sum(-1)
 
 
 @dataclass
@@ -97,61 +88,72 @@ class Pass:
     """Result of inference + generative scoring of a batch with K samples per example."""
 
     layers: list[LayerSample]  # bottom (z_1) to top (z_L)
-    log_px: torch.Tensor  # [K, B] log p(x | z_1)
-    px: dict[str, torch.Tensor] = field(default_factory=dict)  # parameters of p(x|z_1)
-    analytic_kl_ok: tuple[bool, ...] = ()  # per layer: is the closed-form KL a valid estimator here?
+    log_px: Tensor  # [K, B] log p(x | z_1)
+    px: dict[str, Tensor] = field(default_factory=dict)  # parameters of p(x|z_1)
 
     @property
-    def zs(self) -> list[torch.Tensor]:
+    def zs(self) -> list[Tensor]:
         return [layer.z for layer in self.layers]
 
     @property
-    def log_q(self) -> torch.Tensor:
+    def log_q(self) -> Tensor:
         return sum(layer.log_q for layer in self.layers)
 
     @property
-    def log_pz(self) -> torch.Tensor:
+    def log_pz(self) -> Tensor:
         return sum(layer.log_p for layer in self.layers)
 
-    def kl_units(self, analytic: bool = True) -> list[torch.Tensor]:
-        """Per-layer, per-unit KL ``[K, B, d_i]``; closed form only where it is valid."""
-        return [layer.kl_units(analytic and ok) for layer, ok in zip(self.layers, self.analytic_kl_ok)]
+    def kl_units(self, analytic: bool = True) -> list[Tensor]:
+        """Per-layer, per-unit KL ``[K, B, d_i]`` (:meth:`LayerSample.kl_units`)."""
+        return [layer.kl_units(analytic) for layer in self.layers]
 
 
 # -- the blocks ---------------------------------------------------------------------------------------
-class StochasticLayer(nn.Module):
-    """z_i with its prior p(z_i|z_i+1) = N(mu_p, var_p) (eq 2); ``prior`` is None for the top layer,
-    whose prior is N(0, I). The MLP out of z_i+1 has width ``hidden_sizes[i+1]``, mirroring the
-    encoder, as in the authors' code."""
+class StandardNormalPrior(nn.Module):
+    """p(z_L) = N(0, I) (eq 2): the top block's prior. No parameters; called like the priors below
+    it, with the z above it (there is none)."""
 
-    def __init__(self, prior: GaussianMLP | None):
+    def forward(self, z_above: Tensor | None = None) -> StandardNormal:
+        return STANDARD_NORMAL
+
+
+class StochasticLayer(nn.Module):
+    """z_i with its prior p(z_i|z_i+1) (eq 2): a :class:`~lvae.layers.GaussianMLP` of z_i+1 (its MLP
+    has width ``hidden_sizes[i+1]``, mirroring the encoder, as in the authors' code), or
+    :class:`StandardNormalPrior` for the top layer."""
+
+    def __init__(self, prior: GaussianMLP | StandardNormalPrior):
         super().__init__()
         self.prior = prior
 
-    def p(self, z_above: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """mu_p, var_p of p(z_i|z_i+1) (eq 2); not for the top layer."""
+    def p(self, z_above: Tensor | None) -> Normal | StandardNormal:
+        """p(z_i|z_i+1) (eq 2); N(0, I) for the top layer (``z_above`` None)."""
         return self.prior(z_above)
 
     @staticmethod
-    def draw(mu: torch.Tensor, var: torch.Tensor, generator=None, z: torch.Tensor | None = None,
-             mean: bool = False) -> torch.Tensor:
-        """z_i from N(mu, var): ``z`` when given (broadcast to mu's shape), else mu with ``mean``, else
+    def draw(q: Normal, generator=None, z: Tensor | None = None, mean: bool = False) -> Tensor:
+        """z_i from ``q``: ``z`` when given (broadcast to q's shape), else q's mean with ``mean``, else
         the reparameterised sample mu + sqrt(var) eps (only this draws noise from ``generator``)."""
         if z is not None:
-            return z.expand_as(mu)
-        return mu if mean else sample_normal(mu, var, generator)
+            return z.expand_as(q.mu)
+        return q.mu if mean else sample_normal(q.mu, q.var, generator)
 
 
 class BottomUpLayer(StochasticLayer):
     """A VAE layer: q(z_i|z_i-1) = N(mu_q, var_q) from an MLP of z_i-1, z_0 = x (eqs 7-12)."""
 
-    def __init__(self, prior: GaussianMLP | None, up: GaussianMLP):
+    def __init__(self, prior: GaussianMLP | StandardNormalPrior, up: GaussianMLP):
         super().__init__(prior)
         self.up = up
 
-    def q(self, z_below: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """mu_q, var_q of q(z_i|z_i-1) (of q(z_1|x) for the bottom layer)."""
-        return self.up(z_below)
+    def q(self, up: Normal | None, z_below: Tensor | None, k: int,
+          generator=None, z: Tensor | None = None, mean: bool = False) -> LayerSample:
+        """q(z_i|z_i-1) from the sample ``z_below`` of z_i-1 (for the bottom layer, None: q(z_1|x) is
+        ``up``, from :meth:`HierarchicalVAE.upward`, expanded over the ``k`` samples), and z_i drawn
+        from it (:meth:`StochasticLayer.draw`). Its prior conditions on z_i+1, not drawn yet: ``p`` is
+        left None (see :meth:`HierarchicalVAE.posterior`)."""
+        q = up.expand(k) if z_below is None else self.up(z_below)
+        return LayerSample(self.draw(q, generator, z, mean), q, None)
 
 
 class LadderLayer(StochasticLayer):
@@ -165,87 +167,31 @@ class LadderLayer(StochasticLayer):
     (authors' code, default); the KL is always against the generative prior.
     """
 
-    def __init__(self, prior: GaussianMLP | None, up: GaussianMLP, down: GaussianMLP | None, up_input: str):
+    def __init__(self, prior: GaussianMLP | StandardNormalPrior, up: GaussianMLP, down: GaussianMLP | None,
+                 up_input: str):
         super().__init__(prior)
         self.up = up
         self.down = down
         self.up_input = up_input
 
-    def upward(self, h: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """(input of the layer above, (mu_hat_i, var_hat_i)) from this layer's input (eqs 13-15)."""
+    def upward(self, h: Tensor) -> tuple[Tensor, Normal]:
+        """(input of the layer above, N(mu_hat_i, var_hat_i)) from this layer's input (eqs 13-15)."""
         d = self.up.mlp(h)
-        mu_hat, var_hat = self.up.head(d)
-        return (mu_hat if self.up_input == "mu" else d), (mu_hat, var_hat)
+        up = self.up.head(d)
+        return (up.mu if self.up_input == "mu" else d), up
 
-    def q(self, up: tuple[Tensor, Tensor], z_above: Tensor | None, k: int,
-          generator=None, z: Tensor | None = None, mean: bool = False
-          ) -> LayerSample:
+    def q(self, up: Normal, z_above: Tensor | None, k: int,
+          generator=None, z: Tensor | None = None, mean: bool = False) -> LayerSample:
         """q(z_i|z_i+1, x) from the upward Gaussian ``up`` and the sample ``z_above`` of z_i+1 (None for
         the top layer: q(z_L|x) = N(mu_hat_L, var_hat_L), expanded over the ``k`` samples), and z_i
         drawn from it (:meth:`StochasticLayer.draw`)."""
+        p = self.p(z_above)
         if z_above is None:
-            mu_q, var_q = (t.expand(k, *t.shape) for t in up)
-            z = self.draw(mu_q, var_q, generator, z, mean)
-            return LayerSample(z, mu_q, var_q)
-        mu_p, var_p = self.p(z_above)
-        down = self.down
-        mu_t, var_t = (mu_p, var_p) if down is None else down(z_above)
-        mu_hat, var_hat = up
-        # eqs 17-18
-        mu_q, var_q = precision_weighted(mu_hat, var_hat, mu_t, var_t)
-        z = self.draw(mu_q, var_q, generator, z, mean)
-        return LayerSample(z, mu_q, var_q, mu_p, var_p,
-                           mu_hat, var_hat, mu_t, var_t)
-
-
-# -- lvae_format 1: the modules grouped by role ------------------------------------------------------
-# (key prefix in lvae_format 1, key prefix now), in that format's parameter order; "{i}" is the
-# layer, "{up}" is "up_" for the LVAE and "" for the VAE.
-FORMAT_1_KEYS = (
-    ("generative.top_down_mlps.{i}.", "layers.{i}.prior.mlp."),
-    ("generative.top_down_heads.{i}.", "layers.{i}.prior.head."),
-    ("generative.output_mlp.", "likelihood.mlp."),
-    ("generative.output.", "likelihood."),
-    ("inference.{up}mlps.{i}.", "layers.{i}.up.mlp."),
-    ("inference.{up}heads.{i}.", "layers.{i}.up.head."),
-    ("inference.down_mlps.{i}.", "layers.{i}.down.mlp."),
-    ("inference.down_heads.{i}.", "layers.{i}.down.head."),
-)
-
-
-def _prefix_regex(prefix: str, up: str) -> re.Pattern:
-    return re.compile(re.escape(prefix.replace("{up}", up)).replace(re.escape("{i}"), r"(\d+)"))
-
-
-def _rename(key: str, pairs: Sequence[tuple[re.Pattern, str]]) -> tuple[str, int, int]:
-    """(renamed key, rank of its role, layer) by the first matching prefix; the key unchanged if none."""
-    for rank, (pattern, target) in enumerate(pairs):
-        m = pattern.match(key)
-        if m:
-            layer = m.group(1) if pattern.groups else "0"
-            return target.replace("{i}", layer) + key[m.end():], rank, int(layer)
-    return key, len(pairs), 0
-
-
-def _pairs(ladder: bool, to_format_1: bool) -> list[tuple[re.Pattern, str]]:
-    up = "up_" if ladder else ""
-    if to_format_1:
-        return [(_prefix_regex(new, up), old.replace("{up}", up)) for old, new in FORMAT_1_KEYS]
-    return [(_prefix_regex(old, up), new) for old, new in FORMAT_1_KEYS]
-
-
-def upgrade_state_dict(state: Mapping[str, torch.Tensor], ladder: bool) -> dict[str, torch.Tensor]:
-    """A state dict with ``lvae_format`` 1 keys (``generative.*``, ``inference.*``) renamed to today's
-    block keys (``layers.{i}.*``, ``likelihood.*``); today's keys pass unchanged. ``ladder``: the
-    model's inference is ``"ladder"`` (the VAE's were ``inference.mlps``/``inference.heads``)."""
-    pairs = _pairs(ladder, to_format_1=False)
-    return {_rename(k, pairs)[0]: v for k, v in state.items()}
-
-
-def format_1_state_dict(state: Mapping[str, torch.Tensor], ladder: bool) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`upgrade_state_dict`: today's keys renamed to ``lvae_format`` 1's."""
-    pairs = _pairs(ladder, to_format_1=True)
-    return {_rename(k, pairs)[0]: v for k, v in state.items()}
+            q = up.expand(k)
+            return LayerSample(self.draw(q, generator, z, mean), q, p)
+        down = p if self.down is None else self.down(z_above)
+        q = Normal(*precision_weighted(up.mu, up.var, down.mu, down.var))  # eqs 17-18
+        return LayerSample(self.draw(q, generator, z, mean), q, p, up, down)
 
 
 def _gaussian_mlps(d_in: Sequence[int], hidden: Sequence[int], d_out: Sequence[int], cfg: ModelConfig
@@ -278,14 +224,14 @@ class HierarchicalVAE(nn.Module):
             d_in = [cfg.x_dim, *lat[:-1]]
         ups = _gaussian_mlps(d_in, hid, lat, cfg)
         downs = _gaussian_mlps(lat[1:], hid[1:], lat[:-1], cfg) if ladder and not cfg.share_top_down else []
-        priors, downs = priors + [None], downs + [None] * (L - len(downs))
+        priors, downs = priors + [StandardNormalPrior()], downs + [None] * (L - len(downs))
         if ladder:
             layers = [LadderLayer(priors[i], ups[i], downs[i], cfg.up_input) for i in range(L)]
         else:
             layers = [BottomUpLayer(priors[i], ups[i]) for i in range(L)]
         self.layers = nn.ModuleList(layers)
         self.likelihood = likelihood
-        self._format_1 = _pairs(ladder, to_format_1=True)
+        self._format_1 = key_pairs(ladder, to_format_1=True)
 
     @property
     def ladder(self) -> bool:
@@ -294,7 +240,7 @@ class HierarchicalVAE(nn.Module):
     @property
     def generative(self) -> nn.ModuleList:
         """The generative model's modules (the priors and the likelihood), for inspection."""
-        return nn.ModuleList([*(layer.prior for layer in self.layers if layer.prior is not None), self.likelihood])
+        return nn.ModuleList([*(layer.prior for layer in self.layers), self.likelihood])
 
     @property
     def inference(self) -> nn.ModuleList:
@@ -314,8 +260,7 @@ class HierarchicalVAE(nn.Module):
             return iter(named)
 
         def rank(item):
-            _, role, layer = _rename(item[0][len(prefix) + 1 if prefix else 0:], self._format_1)
-            return role, layer
+            return format_1_rank(item[0][len(prefix) + 1 if prefix else 0:], self._format_1)
         return iter(sorted(named, key=rank))  # stable: within a module, its own order
 
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
@@ -363,12 +308,12 @@ class HierarchicalVAE(nn.Module):
                              f"for K samples per example flatten [K, B, d] to [K*B, d] and repeat x K times")
 
     # -- passes -------------------------------------------------------------------------------------
-    def upward(self, x: torch.Tensor):
+    def upward(self, x: Tensor):
         """The deterministic part of inference, computed once per input (reuse it over K chunks):
-        LVAE, [(mu_hat_i, var_hat_i)] for i = 1..L (eqs 13-15); VAE, (mu, var) of q(z_1|x)."""
+        LVAE, [N(mu_hat_i, var_hat_i)] for i = 1..L (eqs 13-15); VAE, N(mu, var) = q(z_1|x)."""
         self._check_x(x)
         if not self.ladder:
-            return self.layers[0].q(x)
+            return self.layers[0].up(x)
         h, up = x, []
         for layer in self.layers:
             h, gaussian = layer.upward(h)
@@ -376,68 +321,54 @@ class HierarchicalVAE(nn.Module):
         return up
 
     def posterior(self, up, k: int = 1, generator: torch.Generator | None = None,
-                  z: Latents = None, mean: bool = False
-                  ) -> tuple[list[LayerSample], tuple[bool, ...]]:
+                  z: Latents = None, mean: bool = False) -> list[LayerSample]:
         """The stochastic part of inference from :meth:`upward`'s ``up``: ``k`` samples of every z_i
-        (``[k, B, d_i]``) with q and p of each, bottom to top, and per layer whether the closed-form
-        KL is valid. The LVAE draws top-down (eqs 16-19), the VAE bottom-up, then scores each z_i
-        under p(z_i|z_i+1) given the sample above.
+        (``[k, B, d_i]``) with q and p of each, bottom to top. Each block draws its z_i from q given
+        the z drawn just before: the LVAE top-down, z_i ~ q(z_i|z_i+1, x) (eqs 16-19), the VAE
+        bottom-up, z_i ~ q(z_i|z_i-1) (eqs 7-12).
 
         ``z``: latents to condition on instead of drawing them, ``{layer: z}`` or a list with one
         entry (or None) per layer, 0 = z_1; each ``[B, d_i]`` or ``[k, B, d_i]``. The layers they
         condition are computed from them; no noise is drawn for them. ``mean``: every other z_i is
         the mean of its q instead of a sample (no noise drawn at all).
         """
-        given = self._given(z)
-        L = len(self.layers)
-        if self.ladder:  # top-down: z_L, then z_i from q(z_i | z_i+1, x)
-            records, z_above = [], None
-            for i in reversed(range(L)):
-                layer = self.layers[i]
-                record = layer.q(up[i], z_above, k, generator, given[i], mean)
-                records.insert(0, record)
-                z_above = record.z
-            # q and p of z_i share their conditioning sample z_i+1:
-            # every KL is analytic.
-            return records, (True,) * L
-        records = []
-        for i, layer in enumerate(self.layers):  # bottom-up: z_i ~ q(z_i | z_i-1)
-            if records:
-                mu_q, var_q = layer.q(records[-1].z)
-            else:  # q(z_1|x), from upward(x)
-                mu_q, var_q = (t.expand(k, *t.shape) for t in up)
-            z_i = layer.draw(mu_q, var_q, generator, given[i], mean)
-            records.append(LayerSample(z_i, mu_q, var_q))
-        # p(z_i|z_i+1), given the samples above
-        for layer, record, above in zip(self.layers, records, records[1:]):
-            record.mu_p, record.var_p = layer.p(above.z)
-        # Only the top layer's KL is analytic: below, z_i+1 depends on z_i.
-        return records, tuple(i == L - 1 for i in range(L))
+        given, L = self._given(z), len(self.layers)
+        order = reversed(range(L)) if self.ladder else range(L)
+        ups = up if self.ladder else [up] + [None] * (L - 1)  # the VAE's only deterministic part: q(z_1|x)
+        samples: list[LayerSample | None] = [None] * L
+        z_before = None  # the z drawn just before: z_i+1 (LVAE), z_i-1 (VAE); none for the first
+        for i in order:
+            samples[i] = self.layers[i].q(ups[i], z_before, k, generator, given[i], mean)
+            z_before = samples[i].z
+        # The VAE's p(z_i|z_i+1) conditions on a z_i+1 drawn after z_i: it is evaluated once every z is
+        # drawn, bottom to top (the order the training steps' rounding depends on). The LVAE's blocks
+        # evaluated theirs before drawing, for the merge.
+        for i, sample in enumerate(samples):
+            if sample.p is None:
+                sample.p = self.layers[i].p(samples[i + 1].z if i + 1 < L else None)
+        return samples
 
-    def forward_from(self, x: torch.Tensor, up, k: int = 1, generator: torch.Generator | None = None,
-                     z: Latents = None,
-                     mean: bool = False) -> Pass:
+    def forward_from(self, x: Tensor, up, k: int = 1, generator: torch.Generator | None = None,
+                     z: Latents = None, mean: bool = False) -> Pass:
         """:meth:`posterior` from ``up`` = ``upward(x)``, scored under p(x|z_1)."""
-        records, ok = self.posterior(up, k, generator, z, mean)
-        px = self.likelihood.params(records[0].z)
-        return Pass(records, self.likelihood.log_prob(x, px), px, ok)
+        samples = self.posterior(up, k, generator, z, mean)
+        px = self.likelihood.params(samples[0].z)
+        return Pass(samples, self.likelihood.log_prob(x, px), px)
 
-    def forward(self, x: torch.Tensor, k: int = 1, generator: torch.Generator | None = None,
-                z: Latents = None,
-                mean: bool = False) -> Pass:
+    def forward(self, x: Tensor, k: int = 1, generator: torch.Generator | None = None,
+                z: Latents = None, mean: bool = False) -> Pass:
         """Infer K posterior samples per example and score them under the generative model
         (``z``, ``mean``: see :meth:`posterior`)."""
         return self.forward_from(x, self.upward(x), k, generator, z, mean)
 
-    def generate(self, z: torch.Tensor, layer: int | None = None, generator: torch.Generator | None = None,
-                 mean: bool = False) -> list[torch.Tensor]:
+    def generate(self, z: Tensor, layer: int | None = None, generator: torch.Generator | None = None,
+                 mean: bool = False) -> list[Tensor]:
         """Ancestral sampling (eqs 1-2) down from ``z`` at ``layer`` (default the top, 0 = z_1):
         [z_1, ..., z_layer], each z_i ~ p(z_i|z_i+1), or its mean with ``mean``."""
         layer = len(self.layers) - 1 if layer is None else layer
         zs = [z]
         for block in reversed(self.layers[:layer]):
-            mu_p, var_p = block.p(zs[0])
-            zs.insert(0, block.draw(mu_p, var_p, generator, mean=mean))
+            zs.insert(0, block.draw(block.p(zs[0]), generator, mean=mean))
         return zs
 
     def decode(self, z1: torch.Tensor) -> torch.Tensor:
@@ -464,15 +395,14 @@ class HierarchicalVAE(nn.Module):
         return z
 
     # -- public API ---------------------------------------------------------------------------------
-    def log_joint(self, x: torch.Tensor, zs: list[torch.Tensor]) -> torch.Tensor:
+    def log_joint(self, x: Tensor, zs: list[Tensor]) -> Tensor:
         """log p(x, z_1..z_L) per example, ``zs`` bottom (z_1) to top (z_L), each ``[B, d_i]``
         (any leading dimensions, the same for x and every z_i)."""
         self.check_input(x)
         self._check_zs(x, zs)
-        log_p = log_standard_normal(zs[-1]).sum(-1)
+        log_p = self.layers[-1].p(None).log_prob(zs[-1]).sum(-1)  # p(z_L) = N(0, I)
         for layer, z_i, z_above in zip(self.layers, zs, zs[1:]):
-            mu_p, var_p = layer.p(z_above)
-            log_p = log_p + log_normal(z_i, mu_p, var_p).sum(-1)
+            log_p = log_p + layer.p(z_above).log_prob(z_i).sum(-1)
         return log_p + self.likelihood.log_prob(x, self.likelihood.params(zs[0]))
 
     def sample_posterior(self, x: torch.Tensor, k: int, generator: torch.Generator | None = None):

@@ -71,13 +71,18 @@ def _half_width(v: Any) -> float:
 
 
 def learning_curves(curves: dict[str, dict[str, list[dict[str, Any]]]], titles: dict[str, str] | None = None,
-                    ylabel: str = r"$\mathcal{L}_1$ [nats]") -> Figure:
+                    ylabel: str = r"$\mathcal{L}_1$ [nats]",
+                    marks: dict[str, list[tuple[float, str, str]]] | None = None) -> Figure:
     """Train (full lines) and test (dashed) L1 over epochs, one panel per budget, one colour per
     variant (paper Fig 2). Every seed is a thin line, the mean over the seeds a thick one (over the
     epochs every seed reached); a partial run's lines end where it stopped and its state is in the
-    legend. ``curves``: :func:`lvae.analysis.learning_curves`; ``titles``: {budget: panel title}."""
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), squeeze=False, sharey=True)
+    legend. ``curves``: :func:`lvae.analysis.learning_curves`; ``titles``: {budget: panel title};
+    ``marks``: {budget: [(value, label, variant)]}, horizontal dotted lines (the paper's final numbers)."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), squeeze=False,
+                             sharey=marks is None)
     for ax, (budget, by_variant) in zip(axes[0], curves.items()):
+        for value, text, variant in (marks or {}).get(budget, []):
+            ax.axhline(value, ls=":", lw=1.2, color=STYLE.get(variant, {}).get("color", "k"), label=text)
         for variant, seeds in by_variant.items():
             color = STYLE.get(variant, {}).get("color")
             for key, ls in (("train", "-"), ("test", "--")):
@@ -96,17 +101,25 @@ def learning_curves(curves: dict[str, dict[str, list[dict[str, Any]]]], titles: 
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    # the first epochs (warm-up, beta < 1) are far below the rest: the axis shows the last 80 %
-    late = [v for by in curves.values() for seeds in by.values() for c in seeds for key, x_key in
-            (("train", "epochs"), ("test", "test_epochs")) for e, v in zip(c[x_key], c[key])
-            if len(c[x_key]) and e >= 0.2 * max(c[x_key]) and np.isfinite(v)]
-    if late:
-        lo, hi = min(late), max(late)
-        pad = 0.08 * (hi - lo) + 0.5
-        axes[0][0].set_ylim(lo - 2 * pad, hi + pad)  # room below for the legend
+    # the first epochs (warm-up, beta < 1) are far below the rest: an axis shows the last 80 % and the marks;
+    # the panels share one axis unless marks are drawn (a 300-epoch panel next to a 10-epoch one)
+    shared = [v for by in curves.values() for v in _late(by)]
+    for ax, (budget, by) in zip(axes[0], curves.items()):
+        late = shared if marks is None else _late(by) + [v for v, _, _ in marks.get(budget, [])]
+        if late:
+            lo, hi = min(late), max(late)
+            pad = 0.08 * (hi - lo) + 0.5
+            ax.set_ylim(lo - 2 * pad, hi + pad)  # room below for the legend
     axes[0][0].set_ylabel(ylabel)
     fig.tight_layout()
     return fig
+
+
+def _late(by_variant: dict[str, list[dict[str, Any]]]) -> list[float]:
+    """The values of the last 80 % of every curve (the first epochs, beta < 1, are far below the rest)."""
+    return [v for seeds in by_variant.values() for c in seeds for key, x_key in
+            (("train", "epochs"), ("test", "test_epochs")) for e, v in zip(c[x_key], c[key])
+            if len(c[x_key]) and e >= 0.2 * max(c[x_key]) and np.isfinite(v)]
 
 
 def kl_heatmaps(histories: dict[str, tuple[np.ndarray, list[np.ndarray]]], floor: float = 1e-3) -> Figure:

@@ -21,7 +21,7 @@ def posterior_means(model: HierarchicalVAE, x: torch.Tensor) -> tuple[list[torch
     """(means, variances) of q(z_i|.) per layer, bottom to top, ``[B, d_i]`` each (one pass, eval mode)."""
     model.eval()
     p = model(x, 1, torch.Generator().manual_seed(0))
-    return [layer.mu_q[0] for layer in p.layers], [layer.var_q[0] for layer in p.layers]
+    return [layer.q.mu[0] for layer in p.layers], [layer.q.var[0] for layer in p.layers]
 
 
 def pca(z: torch.Tensor | np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -47,8 +47,8 @@ def _down_means(model: HierarchicalVAE, x: torch.Tensor, layer: int, z_layer: to
     way down (the merge with the image's upward pass); for the VAE, whose inference has no top-down
     path, the mean of p(z_i|z_i+1)."""
     if model.config.inference == "ladder":
-        records, _ = model.posterior(model.upward(x), 1, z={layer: z_layer}, mean=True)
-        return records[0].z[0]
+        samples = model.posterior(model.upward(x), 1, z={layer: z_layer}, mean=True)
+        return samples[0].z[0]
     return model.generate(z_layer, layer, mean=True)[0]
 
 
@@ -85,7 +85,7 @@ def merge_sharpening(model: HierarchicalVAE, x: torch.Tensor) -> list[dict[str, 
     p = model(x, 1, torch.Generator().manual_seed(0))
     rows = []
     for i, layer in enumerate(p.layers[:-1]):
-        var_hat, var_t, var_q = layer.var_hat, layer.var_t[0], layer.var_q[0]
+        var_hat, var_t, var_q = layer.up.var, layer.down.var[0], layer.q.var[0]
         rows.append({"layer": f"z{i + 1}", "bottom-up var": float(var_hat.mean()),
                      "top-down var": float(var_t.mean()), "merged var": float(var_q.mean()),
                      "merged ≤ both (all units)": bool((var_q <= torch.minimum(var_hat, var_t) + 1e-7).all())})

@@ -16,13 +16,13 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import ConfigError, EvalConfig, RunConfig
-from .experiments import FIG3_VARIANTS, VARIANTS, run_config
+from .config import ConfigError, EvalConfig, RunConfig, TrainConfig
+from .experiments import DEPTHS, FIG3_VARIANTS, VARIANTS, run_config
 
 PROFILE_FILE_ENV = "LVAE_PROFILES"
 _KEYS = {"description", "dataset", "subset", "epochs", "warmup_epochs", "depths", "variants", "seeds",
          "eval_every", "eval_train_subset", "test_subset", "iw_k", "iw_every", "iw_subset", "keep_weights", "train", "trainer",
-         "also_found"}
+         "also_found", "milestones"}
 TRAINERS = ("single", "grid")  # how grid_runs trains the missing runs: one by one, or stacked (lvae.grid)
 
 
@@ -49,19 +49,25 @@ class Profile:
     # TrainConfig overrides under which a cell's run also counts as this profile's: the same protocol
     # with another implementation of the step, e.g. ((("compile", True),),) for the CPU long runs
     also_found: tuple[tuple[tuple[str, Any], ...], ...] = ()
+    # epochs on the way (the last: ``epochs``) at which the book reads this profile's runs as budgets of
+    # their own, each run as it stood then (lvae.analysis.budget_runs); empty: the profile's epochs only
+    milestones: tuple[int, ...] = ()
 
     @property
     def max_depth(self) -> int:
         return max(self.depths)
 
-    def budget(self, epochs: int | None = None) -> str:
+    def budget(self, epochs: int | None = None, step: str | None = None, n_iw: int | None = None) -> str:
         """One sentence stating the budget, for captions next to our numbers: training length (at
         ``epochs`` when the runs are read before the profile's end), data, seeds, the training step's
-        precision and compilation, and the L_K evaluation."""
+        precision and compilation (``step``: as the runs record it, e.g. "fp32, compiled"), and the
+        L_K evaluation (``n_iw``: the test images the runs' L_K covers, when known)."""
         n_train = "all 60,000" if self.subset is None else f"{self.subset:,}"
-        n_iw = "all" if self.iw_subset is None and self.test_subset is None else f"{self.iw_subset or self.test_subset:,}"
+        n_iw = f"{n_iw:,}" if n_iw is not None else \
+            "all" if self.iw_subset is None and self.test_subset is None else f"{self.iw_subset or self.test_subset:,}"
         train = dict(self.train)
-        step = f"{train.get('precision', 'fp32')} training step{', compiled' if train.get('compile') else ''}"
+        step = f"{step} training step" if step is not None else \
+            f"{train.get('precision', 'fp32')} training step{', compiled' if train.get('compile') else ''}"
         at = f"{self.epochs} epochs" if epochs is None or epochs == self.epochs else f"{epochs} of {self.epochs} epochs"
         return (f"profile '{self.name}': {at} (warm-up {self.warmup_epochs}) on {n_train} training "
                 f"images, seed(s) {', '.join(map(str, self.seeds))}, {step}, L_{self.iw_k} on {n_iw} test images")
@@ -89,19 +95,34 @@ def load_profile(name: str) -> Profile:
     bad = [v for v in raw.get("variants", ()) if v not in VARIANTS]
     if bad:
         raise ConfigError(f"profile {name!r}: unknown variants {bad}; choose from {sorted(VARIANTS)}")
-    if raw.get("trainer", "single") not in TRAINERS:
+    if raw.get("trainer", TRAINERS[0]) not in TRAINERS:
         raise ConfigError(f"profile {name!r}: trainer {raw['trainer']!r} is not one of {list(TRAINERS)}")
+    raw = {**defaults(), **raw}
     return Profile(
-        name=name, description=raw.get("description", ""), dataset=raw.get("dataset", "mnist"),
-        subset=raw.get("subset"), epochs=int(raw["epochs"]), warmup_epochs=int(raw.get("warmup_epochs", 0)),
-        depths=tuple(raw.get("depths", (1, 2, 3, 4, 5))), variants=tuple(raw.get("variants", FIG3_VARIANTS)),
-        seeds=tuple(raw.get("seeds", (0,))), eval_every=int(raw.get("eval_every", 1)),
-        eval_train_subset=raw.get("eval_train_subset"), test_subset=raw.get("test_subset"),
-        iw_k=int(raw.get("iw_k", 5000)), iw_every=int(raw.get("iw_every", 0)),
-        iw_subset=raw.get("iw_subset"), keep_weights=tuple(raw.get("keep_weights", ())),
-        train=tuple(sorted((raw.get("train") or {}).items())), trainer=raw.get("trainer", "single"),
-        also_found=tuple(tuple(sorted(d.items())) for d in raw.get("also_found") or ()),
+        name=name, description=raw["description"], dataset=raw["dataset"],
+        subset=raw["subset"], epochs=int(raw["epochs"]), warmup_epochs=int(raw["warmup_epochs"]),
+        depths=tuple(raw["depths"]), variants=tuple(raw["variants"]),
+        seeds=tuple(raw["seeds"]), eval_every=int(raw["eval_every"]),
+        eval_train_subset=raw["eval_train_subset"], test_subset=raw["test_subset"],
+        iw_k=int(raw["iw_k"]), iw_every=int(raw["iw_every"]),
+        iw_subset=raw["iw_subset"], keep_weights=tuple(raw["keep_weights"]),
+        train=tuple(sorted((raw["train"] or {}).items())), trainer=raw["trainer"],
+        also_found=tuple(tuple(sorted(d.items())) for d in raw["also_found"] or ()),
+        milestones=tuple(int(e) for e in raw["milestones"] or ()),
     )
+
+
+def defaults() -> dict[str, Any]:
+    """What a profile that omits a key gets: for a config field, the config's own default
+    (:mod:`lvae.config` is the one source: e.g. the paper's warm-up ``TrainConfig().warmup_epochs`` and
+    ``EvalConfig().iw_k``); ``epochs`` has none (a profile must give it)."""
+    t, e = TrainConfig(), EvalConfig()
+    return {"description": "", "dataset": t.dataset, "subset": t.subset, "warmup_epochs": t.warmup_epochs,
+            "depths": DEPTHS, "variants": FIG3_VARIANTS, "seeds": (t.seed,), "eval_every": e.every,
+            "eval_train_subset": e.train_subset, "test_subset": e.test_subset, "iw_k": e.iw_k,
+            "iw_every": e.iw_every, "iw_subset": e.iw_subset, "keep_weights": (), "train": None,
+            "trainer": TRAINERS[0], "also_found": None,
+            "milestones": None}
 
 
 def experiment(profile: Profile | str, variant: str, depth: int, seed: int | None = None,

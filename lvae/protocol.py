@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .commands import option_name
 from .config import ConfigError, EvalConfig, ModelConfig, TrainConfig
 from .profiles import available, load_profile
 
@@ -102,9 +103,11 @@ SOURCES: dict[tuple[str, str], str] = {
 }
 
 # The paper's MNIST training budget (section 3): 2,000 epochs on the complete training set,
-# warm-up over N_t = 200, test log-likelihood with 5,000 importance samples on the test set.
-PAPER_BUDGET: dict[str, Any] = {"epochs": 2000, "warmup_epochs": 200, "subset": None, "iw_k": 5000,
-                                "test_subset": None, "iw_subset": None}
+# warm-up over N_t epochs, test log-likelihood with K importance samples on the test set. What is a
+# config field is the config's default (lvae.config, the one source: N_t = 200, K = 5,000).
+PAPER_BUDGET: dict[str, Any] = {"epochs": 2000, "warmup_epochs": TrainConfig().warmup_epochs,
+                                "subset": TrainConfig().subset, "iw_k": EvalConfig().iw_k,
+                                "test_subset": EvalConfig().test_subset, "iw_subset": EvalConfig().iw_subset}
 
 
 def source(section: str, name: str) -> str:
@@ -120,12 +123,13 @@ def source(section: str, name: str) -> str:
 
 def cli_option(section: str, name: str) -> str:
     """The ``lvae train`` option that sets ``section``'s field ``name`` (the naming rule of
-    :mod:`lvae.cli`: ``--field-name``, ``--eval-`` before evaluation fields, ``--no-`` for false)."""
+    :func:`lvae.commands.option_name`: ``--field-name``, ``--eval-`` before evaluation fields but
+    ``--iw-k``, ``--no-`` for false)."""
     cls = SECTIONS[section]
     field = next((f for f in dataclasses.fields(cls) if f.name == name), None)
     if field is None:
         raise ConfigError(f"{cls.__name__} has no field {name!r}")
-    opt = "--" + ("eval_" + name if section == "eval" else name).replace("_", "-")
+    opt = option_name(section, name)
     return f"{opt} / --no-{opt[2:]}" if isinstance(field.default, bool) else opt
 
 

@@ -43,26 +43,21 @@ tests/faults.py injects, to check it):
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import re
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import datasets
 from .commands import train_command
 from .config import ConfigError, EvalConfig, RunConfig, upgrade_eval_config
 from .models import HierarchicalVAE, build_model
-from .storage import (RunError, _finite_or_none, _lock_held, _now, append_jsonl, atomic_write_bytes, check_writable,
-                      device_description, git_commit, read_jsonl)
-from .train import default_device, evaluate
+from .storage import RunError, _finite_or_none, _lock_held, _now, append_jsonl, atomic_write_bytes, read_jsonl
 
 RESULTS_ENV = "LVAE_RESULTS"
 FORMAT_VERSION = 1
@@ -482,35 +477,3 @@ def save_per_image(path: Path, row: dict, arrays: dict) -> str:
 def record_eval(run: Run, row: dict) -> None:
     """Append a stand-alone evaluation (``lvae eval``) to the run's evals.jsonl."""
     append_jsonl(run.path / "evals.jsonl", {"time": _now(), **row})
-
-
-def evaluate_run(run: Run, iw_k: int = 5000, test_subset: int | None = None, iw_chunk: int = 500,
-                 device: str | torch.device | None = None, save: bool = True, progress: bool = False,
-                 iw_subset: int | None = None) -> dict:
-    """Evaluate a stored run's final weights (L1s, per-unit KL, L_K) and record it in evals.jsonl,
-    with the per-test-image values (:func:`save_per_image`).
-
-    L1 covers the first ``test_subset`` test images (all 10,000 when None); L_K the first
-    ``iw_subset`` of those (all of them when None), whatever the run's own training-time
-    evaluations used.
-    """
-    if save:  # the evaluation is recorded in the run's folder: refuse a read-only one before the work
-        check_writable(run.path, f"evaluate a copy of the run in a writable registry (cp -r {run.path} DIR/, then "
-                                 f"`lvae eval {run.name} --out DIR`), or pass save=False in Python")
-    dev = torch.device(device) if device is not None else default_device()
-    tcfg = run.config.train
-    ecfg = dataclasses.replace(run.eval_config, iw_k=iw_k, test_subset=test_subset, iw_subset=iw_subset,
-                               iw_chunk=iw_chunk)
-    data = datasets.load_dataset(tcfg.dataset, subset=tcfg.subset, test_subset=test_subset, test_seed=tcfg.test_seed)
-    model = run.load_model(dev)
-    code = git_commit()  # the code loaded now, before the (long) evaluation
-    t0 = time.perf_counter()
-    per_image: dict = {}
-    row = {"epoch": run.epochs,
-           **evaluate(model, data, tcfg, ecfg, run.epochs - 1, True, dev, progress=progress, per_image=per_image),
-           "device": device_description(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           **code, "seconds": time.perf_counter() - t0}
-    if save:
-        row["per_image"] = save_per_image(run.path, row, per_image)
-        record_eval(run, row)
-    return _finite_or_none(row)  # as stored: an undefined number (one image's standard error) is None

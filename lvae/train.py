@@ -12,6 +12,7 @@ checkpoint replays exactly the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import weakref
@@ -24,9 +25,12 @@ from torch import nn
 from . import data as datasets
 from .bounds import elbo, iw_bound_batched, kl_per_unit, training_bound
 from .config import ConfigError, EvalConfig, TrainConfig
+from .datasets import load_dataset
 from .gaussian import NoiseReplay
 from .models import HierarchicalVAE, draw_noise
 from .optim import FlatAdam
+from .runs import Run, record_eval, save_per_image
+from .storage import _finite_or_none, check_writable, device_description, git_commit
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # nats: a unit whose average KL exceeds this is "active"
 
@@ -344,3 +348,36 @@ def evaluate(model: HierarchicalVAE, data: datasets.ImageData, cfg: TrainConfig,
         out["n_iw"] = len(x_iw)
         out["iw_seconds"] = time.perf_counter() - t0
     return out
+
+
+# -- a stored run's final weights, evaluated again (lvae eval) --------------------------------------
+def evaluate_run(run: Run, iw_k: int = EvalConfig().iw_k, test_subset: int | None = None,
+                 iw_chunk: int = EvalConfig().iw_chunk, device: str | torch.device | None = None, save: bool = True,
+                 progress: bool = False, iw_subset: int | None = None) -> dict:
+    """Evaluate a stored run's final weights (L1s, per-unit KL, L_K) and record it in evals.jsonl,
+    with the per-test-image values (:func:`lvae.runs.save_per_image`). ``lvae eval`` calls it.
+
+    L1 covers the first ``test_subset`` test images (all 10,000 when None); L_K the first
+    ``iw_subset`` of those (all of them when None), whatever the run's own training-time
+    evaluations used.
+    """
+    if save:  # the evaluation is recorded in the run's folder: refuse a read-only one before the work
+        check_writable(run.path, f"evaluate a copy of the run in a writable registry (cp -r {run.path} DIR/, then "
+                                 f"`lvae eval {run.name} --out DIR`), or pass save=False in Python")
+    dev = torch.device(device) if device is not None else default_device()
+    tcfg = run.config.train
+    ecfg = dataclasses.replace(run.eval_config, iw_k=iw_k, test_subset=test_subset, iw_subset=iw_subset,
+                               iw_chunk=iw_chunk)
+    data = load_dataset(tcfg.dataset, subset=tcfg.subset, test_subset=test_subset, test_seed=tcfg.test_seed)
+    model = run.load_model(dev)
+    code = git_commit()  # the code loaded now, before the (long) evaluation
+    t0 = time.perf_counter()
+    per_image: dict = {}
+    row = {"epoch": run.epochs,
+           **evaluate(model, data, tcfg, ecfg, run.epochs - 1, True, dev, progress=progress, per_image=per_image),
+           "device": device_description(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           **code, "seconds": time.perf_counter() - t0}
+    if save:
+        row["per_image"] = save_per_image(run.path, row, per_image)
+        record_eval(run, row)
+    return _finite_or_none(row)  # as stored: an undefined number (one image's standard error) is None

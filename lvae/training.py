@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from .checkpoint_format import format_1_state_dict
 from .config import EvalConfig, RunConfig
-from .models import HierarchicalVAE, build_model, format_1_state_dict
+from .models import HierarchicalVAE, build_model
 from .runs import (_LOCKED_FILES, _PER_IMAGE_FILE, CHECKPOINT, FORMAT_VERSION, SANE_CHECKPOINT, WEIGHTS_FP16, Run,
                    RunDamagedError, _load_state, _with_digest, check_run_name, load_checkpoint, open_run)
 from .storage import (_DISK_FULL, RunError, _disk_error, _fsync_dir, _now, _tmp_path, atomic_torch_save,
@@ -190,7 +191,7 @@ def save_checkpoint(path: Path, model: HierarchicalVAE, optimizer, epoch: int, p
                     save_fp16: bool) -> None:
     """checkpoint.pt (model, optimizer, epoch, pending train losses) and, with ``save_fp16``, model-fp16.pt.
 
-    The weights are stored under ``lvae_format`` 1's keys (:func:`lvae.models.format_1_state_dict`),
+    The weights are stored under ``lvae_format`` 1's keys (:func:`lvae.checkpoint_format.format_1_state_dict`),
     so every stored run, old or new, has one layout that any lvae of this format reads."""
     state = format_1_state_dict(model.state_dict(), model.config.inference == "ladder")
     if save_fp16:  # first: a checkpoint of epoch E means that the fp16 weights of E were written

@@ -315,14 +315,11 @@ def _tiny(inference: str, latent=(3, 2)):
 def _mc_kl(model, x, n: int = 200_000) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Reference: log q(z_i|.) - log p(z_i|z_i+1) per unit, averaged over n joint posterior samples
     per image; and its standard error."""
-    from lvae.gaussian import log_normal, log_standard_normal
-
     with torch.no_grad():
         p = model(x, n, torch.Generator().manual_seed(123))
         mean, se = [], []
         for lay in p.layers:
-            lp = log_standard_normal(lay.z) if lay.mu_p is None else log_normal(lay.z, lay.mu_p, lay.var_p)
-            d = (log_normal(lay.z, lay.mu_q, lay.var_q) - lp).reshape(-1, lay.z.shape[-1])
+            d = (lay.q.log_prob(lay.z) - lay.p.log_prob(lay.z)).reshape(-1, lay.z.shape[-1])
             mean.append(d.mean(0))
             se.append(d.std(0) / math.sqrt(len(d)))
     return mean, se

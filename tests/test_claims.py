@@ -468,3 +468,35 @@ def test_a_budget_reads_every_run_at_its_epoch_and_borrows_the_seed_term(tmp_pat
     assert alone.verdict == UNRESOLVED and "no seed term" in alone.reason
     assert claims.Budget("paper", 2000, 300).name == "paper, 2000 epochs"
     assert [b.epoch for b in claims.PAPER_BUDGETS] == [300, 2000]
+
+
+# -- K of an L_K: from the rows that measured it, not from the profile ----------------------------
+LK_FIG = Claim("lk-deepest", "test", "x", "y", "compare",
+               {"a": ("lvae_bn_wu", claims.MAX), "b": ("vae_bn_wu", claims.MAX), "metric": "test_LK"})
+
+
+def test_the_k_of_an_l_k_comes_from_the_runs_rows_not_the_profile(tmp_path):
+    P = profile()  # smoke: the runs measure L_50
+    for s in P.seeds:
+        write_run(tmp_path, P, "lvae_bn_wu", 2, s, images(0.5, s))
+        write_run(tmp_path, P, "vae_bn_wu", 2, s, images(0.0, s + 10))
+    asks_more = dataclasses.replace(P, iw_k=5000)  # the same runs (K is no part of a run's key), another K asked
+    for reg_profile in (P, asks_more):
+        row = evaluate_claim(LK_FIG, Registry(reg_profile, tmp_path))
+        assert row.verdict == REPRODUCED and row.parts[0].k == 50, reg_profile.iw_k
+        assert row.parts[0].label.endswith("(L50)") and row.budget().endswith("L50, fp32")
+    assert claims.measured_k(Registry(P, tmp_path).cell(("vae_bn_wu", 2)).runs) == (50, None)
+
+
+def test_runs_that_measured_different_k_are_not_compared_and_the_row_says_which(tmp_path):
+    P = profile()
+    for s in P.seeds:
+        write_run(tmp_path, P, "lvae_bn_wu", 2, s, images(0.5, s))
+        write_run(tmp_path, dataclasses.replace(P, iw_k=7), "vae_bn_wu", 2, s, images(0.0, s + 10))
+    row = evaluate_claim(LK_FIG, Registry(P, tmp_path))
+    assert row.verdict == NOT_RUN and row.estimate is None and row.parts[0].k is None
+    assert "L_K measured with different K: L7 by mnist-vae_bn_wu-2" in row.reason
+    assert "; L50 by mnist-lvae_bn_wu-2" in row.reason
+    assert row.parts[0].label.endswith("(L_K)")
+    l1 = evaluate_claim(FIG2, Registry(P, tmp_path))  # L1 is unaffected
+    assert l1.verdict == REPRODUCED and l1.parts[0].k is None

@@ -21,7 +21,7 @@ from lvae.storage import RunError, run_lock
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "32", "--latent-sizes", "4,2",
-        "--hidden-sizes", "16,8", "--eval-iw-k", "4", "--eval-iw-chunk", "4", "--eval-test-subset", "32",
+        "--hidden-sizes", "16,8", "--iw-k", "4", "--eval-iw-chunk", "4", "--eval-test-subset", "32",
         "--eval-train-subset", "32", "--quiet"]
 
 
@@ -303,6 +303,28 @@ def test_readme_train_examples_reproduce_the_committed_runs_or_say_why_not(capsy
         assert run.name in comment or "the same run" in comment, comment
 
 
+# -- --iw-k: one spelling in `lvae train` and `lvae eval`; their defaults are the config's -----------
+def test_iw_k_is_spelled_the_same_in_train_and_eval(tmp_path, capsys):
+    parser = cli.build_parser()
+    helps = {name: parser.commands[name].format_help() for name in ("train", "eval")}
+    assert all("--iw-k" in h for h in helps.values()) and "--eval-iw-k" not in helps["train"]
+    new = plan("--profile", "cpu", "--variant", "vae", "--depth", "2", "--iw-k", "100")
+    old = plan("--profile", "cpu", "--variant", "vae", "--depth", "2", "--eval-iw-k", "100")  # a stored command
+    assert new == old and new.eval_config.iw_k == 100
+    command = commands.train_command(new.config, new.epochs, new.eval_config)
+    assert command == "lvae train --profile cpu --variant vae --depth 2 --iw-k 100"
+    assert commands.option_name("eval", "iw_k") == "--iw-k" and commands.option_name("eval", "iw_chunk") == \
+        "--eval-iw-chunk"
+    with pytest.raises(SystemExit) as exit_:  # an error names the option as typed
+        cli.main(train_args(tmp_path, "--iw-k", "0"))
+    assert exit_.value.code == 2 and "lvae train: error: --iw-k 0 must be a positive integer" in capsys.readouterr().err
+
+
+def test_eval_defaults_are_the_configs():
+    ns = cli.build_parser().parse_args(["eval", "some-run"])
+    assert (ns.iw_k, ns.chunk) == (EvalConfig().iw_k, EvalConfig().iw_chunk)
+
+
 # -- lvae eval: a run without weights names the command that recreates them ------------------------
 def test_train_command_recreates_every_committed_run_and_custom_ones():
     configs = [(Run(d).config, Run(d).epochs, Run(d).eval_config) for d in sorted((REPO / "results").iterdir())
@@ -385,7 +407,7 @@ def fake_mnist(tmp_path, monkeypatch) -> Path:
 
 
 MNIST_TINY = ["--dataset", "mnist", "--batch-size", "8", "--latent-sizes", "4,2", "--hidden-sizes", "16,8",
-              "--eval-iw-k", "4", "--eval-iw-chunk", "4", "--eval-train-subset", "8", "--quiet"]
+              "--iw-k", "4", "--eval-iw-chunk", "4", "--eval-train-subset", "8", "--quiet"]
 
 
 def test_subsets_larger_than_the_dataset_are_refused(fake_mnist, tmp_path, capsys):

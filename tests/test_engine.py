@@ -15,7 +15,8 @@ from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
 from lvae.datasets import load_dataset
 from lvae.engine import GridTrainer, SingleModel, epoch_inputs, get_or_train, run_epoch
 from lvae.grid import train_grid
-from lvae.models import build_model, draw_noise, upgrade_state_dict
+from lvae.checkpoint_format import upgrade_state_dict
+from lvae.models import build_model, draw_noise
 from lvae.runs import CHECKPOINT, Run
 from lvae.train import NonFiniteLossError, generator, learning_rate, make_optimizer, train_step
 from lvae.warmup import warmup_beta

@@ -8,7 +8,9 @@ import torch
 
 import lvae
 from lvae.config import ConfigError
-from lvae.models import LadderLayer, format_1_state_dict, upgrade_state_dict
+from lvae.checkpoint_format import format_1_state_dict, upgrade_state_dict
+from lvae.gaussian import STANDARD_NORMAL, Normal
+from lvae.models import BottomUpLayer, LadderLayer, LayerSample, StandardNormalPrior
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -72,7 +74,8 @@ def test_paper_lvae5_sizes():
     assert [layer.up.mlp[0].linear.out_features for layer in m.layers] == [512, 256, 128, 64, 32]
     assert [layer.up.head.mu.linear.out_features for layer in m.layers] == [64, 32, 16, 8, 4]
     assert m.layers[1].up.mlp[0].linear.in_features == 64  # upward input = mu_hat (authors' code)
-    assert m.layers[-1].prior is None and m.layers[-1].down is None  # p(z_L) = N(0, I)
+    assert isinstance(m.layers[-1].prior, StandardNormalPrior) and m.layers[-1].down is None  # p(z_L) = N(0, I)
+    assert m.layers[-1].p(None) is STANDARD_NORMAL
 
 
 # -- lvae_format 1: committed weights and checkpoints --------------------------------------------------
@@ -156,9 +159,8 @@ def test_given_latents_replay_a_pass_without_drawing(inference):
         q = model(x, 3, g, z=p.zs)
     assert torch.equal(g.get_state(), state)  # nothing drawn
     for a, b in zip(p.layers, q.layers):
-        for name in ("z", "mu_q", "var_q", "mu_p", "var_p"):
-            u, v = getattr(a, name), getattr(b, name)
-            assert (u is None and v is None) or torch.equal(u, v), name
+        assert torch.equal(a.z, b.z) and all(torch.equal(u, v) for u, v in zip(a.q, b.q))
+        assert (a.p is b.p is STANDARD_NORMAL) or all(torch.equal(u, v) for u, v in zip(a.p, b.p))
     assert torch.equal(p.log_px, q.log_px)
 
 
@@ -171,14 +173,14 @@ def test_a_given_latent_conditions_the_others(inference):
         means = model(x, 1, z={1: z2}, mean=True)
     assert torch.equal(p.layers[1].z, z2.expand(4, 5, 3))
     if inference == "ladder":  # below: q(z_1|z_2, x) given z_2, the same in every sample
-        assert torch.allclose(p.layers[0].mu_q, p.layers[0].mu_q[:1].expand_as(p.layers[0].mu_q))
+        assert torch.allclose(p.layers[0].q.mu, p.layers[0].q.mu[:1].expand_as(p.layers[0].q.mu))
         mu_p, _ = model.layers[1].p(p.layers[2].z)  # above: z_3 drawn first, z_2's prior from it
-        assert torch.allclose(p.layers[1].mu_p, mu_p)
+        assert torch.allclose(p.layers[1].p.mu, mu_p)
     else:  # above: q(z_3|z_2) given z_2
-        mu_q, _ = model.layers[2].q(z2)
-        assert torch.allclose(p.layers[2].mu_q, mu_q.expand_as(p.layers[2].mu_q))
+        mu_q, _ = model.layers[2].up(z2)
+        assert torch.allclose(p.layers[2].q.mu, mu_q.expand_as(p.layers[2].q.mu))
     for layer in (0, 2):  # mean=True: every other z is the mean of its q
-        assert torch.equal(means.layers[layer].z, means.layers[layer].mu_q)
+        assert torch.equal(means.layers[layer].z, means.layers[layer].q.mu)
     # ancestral means down from z_2: z_1 = mean of p(z_1|z_2)
     z1 = model.generate(z2, 1, mean=True)[0]
     assert torch.allclose(z1, model.layers[0].p(z2)[0])
@@ -201,10 +203,59 @@ def test_merge_records_and_fused_log_ratio():
     with torch.no_grad():
         p = model(x, 3, torch.Generator().manual_seed(2))
     for layer in p.layers[:-1]:
-        assert torch.all(layer.var_q <= torch.minimum(layer.var_hat, layer.var_t) + 1e-7)
-        assert torch.allclose(1 / layer.var_q, 1 / layer.var_hat + 1 / layer.var_t)
+        assert torch.all(layer.q.var <= torch.minimum(layer.up.var, layer.down.var) + 1e-7)
+        assert torch.allclose(1 / layer.q.var, 1 / layer.up.var + 1 / layer.down.var)
     for layer in p.layers:
         torch.testing.assert_close(layer.log_ratio_x2(), 2 * (layer.log_p - layer.log_q))
+
+
+@pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
+def test_both_blocks_draw_a_layer_sample(inference):
+    """Both kinds of block: q(...) -> LayerSample, drawing z_i in the block; a VAE block's q is its
+    upward GaussianMLP of z_i-1, an LVAE block's the merge of its upward and top-down Gaussians."""
+    model, x = _tiny(inference)
+    block = model.layers[1]
+    z_before = torch.randn(2, 5, 4 if inference == "bottom_up" else 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        up = model.upward(x)[1] if inference == "ladder" else None
+        g = torch.Generator().manual_seed(1)
+        sample = block.q(up, z_before, 2, g)
+        eps = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(1))
+        if inference == "ladder":
+            down = block.down(z_before)
+            var_q = 1 / (1 / up.var + 1 / down.var)
+            torch.testing.assert_close(sample.q.var, var_q)
+            torch.testing.assert_close(sample.q.mu, (up.mu / up.var + down.mu / down.var) * var_q)
+            assert sample.p is not None and sample.up is up
+        else:
+            torch.testing.assert_close(sample.q.mu, block.up(z_before).mu)
+            assert sample.p is None  # p(z_2|z_3): z_3 is drawn after z_2 (filled in by posterior)
+    assert isinstance(block, LadderLayer if inference == "ladder" else BottomUpLayer)
+    assert isinstance(sample, LayerSample) and isinstance(sample.q, Normal)
+    torch.testing.assert_close(sample.z, sample.q.mu + sample.q.var.sqrt() * eps)  # the block drew it
+    p = model(x, 2, torch.Generator().manual_seed(1))
+    assert all(s.p is not None for s in p.layers) and p.layers[-1].p is STANDARD_NORMAL
+
+
+@pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
+def test_kl_units_closed_form_where_q_and_p_share_the_sample_above(inference):
+    """The one place that decides the KL's form: closed form for every LVAE layer and the top layer,
+    the one-sample estimate log q - log p for the VAE below the top (and without ``analytic``)."""
+    from lvae.gaussian import kl_normal, kl_standard_normal
+
+    model, x = _tiny(inference)
+    with torch.no_grad():
+        p = model(x, 2, torch.Generator().manual_seed(1))
+    for i, s in enumerate(p.layers):
+        sampled = s.q.log_prob(s.z) - s.p.log_prob(s.z)
+        assert torch.equal(s.kl_units(False), sampled)
+        if i == len(p.layers) - 1:
+            want = kl_standard_normal(*s.q)
+        elif inference == "ladder":
+            want = kl_normal(*s.q, *s.p)
+        else:
+            want = sampled
+        assert torch.equal(s.kl_units(True), want), i
 
 
 @pytest.mark.parametrize("inference", ["ladder", "bottom_up"])

@@ -354,7 +354,7 @@ def test_list_runs_skips_an_incompatible_directory_with_a_warning(tmp_path):
 
 
 def test_evaluate_run_uses_every_requested_test_image_and_is_recorded(tmp_path):
-    from lvae.runs import evaluate_run
+    from lvae.train import evaluate_run
 
     run = train(tmp_path, epochs=2, ecfg=dataclasses.replace(ECONFIG, iw_subset=16))
     assert run.metrics()[-1]["n_iw"] == 16  # training-time L_K on the profile's subset

@@ -110,3 +110,30 @@ def test_the_readme_module_table_lists_every_module():
     readme = (PACKAGE.parent / "README.md").read_text()
     missing = [m for m in MODULES if m != "__init__" and f"`lvae/{m}.py`" not in readme]
     assert not missing, f"README.md's module table lacks {missing}"
+
+
+def dynamic_imports(module: str) -> list[int]:
+    """Lines where ``module`` loads a module by name (``importlib.import_module``, ``__import__``): an
+    import that neither the import graph nor the checks above see."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text(), filename=f"lvae/{module}.py")
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call) and (
+        (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+        or (isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__")))]
+
+
+def test_dynamic_imports_are_seen(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path)
+    (tmp_path / "m.py").write_text("import importlib\nx = importlib.import_module('lvae.plots')\n"
+                                   "y = __import__('os')\n")
+    assert dynamic_imports("m") == [2, 3]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_no_module_is_loaded_by_name(module):
+    lines = dynamic_imports(module)
+    assert not lines, f"lvae/{module}.py loads modules by name at lines {lines}: import them at the top"
+
+
+def test_the_registry_imports_neither_the_training_step_nor_the_data():
+    """runs.py is the registry: evaluating a stored run (evaluate_run) lives with the step's evaluation."""
+    assert not imports("runs")[0] & {"train", "datasets", "data", "engine", "training"}
