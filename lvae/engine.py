@@ -48,8 +48,8 @@ from .storage import DiskFullError, RunError, _now, append_jsonl, atomic_write_j
 from .train import (DivergedError, NonFiniteLossError, Objective, autocast, check_precision, compiled_objective,
                     default_device, evaluate, evaluation_problem, fused_adam, generator, learning_rate,
                     make_optimizer, objective_step)
-from .training import (TrainingState, completed, keep_as_sane, mark_running, open_for_training, roll_back,
-                       save_checkpoint)
+from .training import (TrainingState, check_init_from, completed, keep_as_sane, mark_running, open_for_training,
+                       roll_back, save_checkpoint)
 from .warmup import warmup_beta
 
 GRAPH_WARMUP_STEPS = 3  # eager steps on a side stream before a capture (their effect is undone)
@@ -622,6 +622,8 @@ def get_or_train(config: RunConfig, epochs: int, eval_config: EvalConfig | None 
                           f"model expects x_dim={mcfg.x_dim}, likelihood={mcfg.likelihood!r}; fix ModelConfig")
     dev = torch.device(device) if device is not None else default_device()
     check_precision(tcfg, dev)
+    if tcfg.init_from and not (path / CHECKPOINT).exists():  # refused before the run folder exists
+        check_init_from(tcfg.init_from, base)
     with run_lock(path):
         done = completed(path, epochs)  # another process may have finished it while we waited
         if done is not None:

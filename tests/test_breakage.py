@@ -284,6 +284,24 @@ def test_a_bad_init_from_is_refused_before_the_run_folder(tmp_path, capsys):
                      "--init-from", f"{parent}@2"]) == 0  # a good one still works
 
 
+def test_a_bad_init_from_in_python_leaves_no_run_folder(tmp_path, one_thread):
+    import dataclasses
+
+    from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
+    from lvae.engine import get_or_train
+    from lvae.storage import RunError
+
+    cfg = RunConfig("child", ModelConfig(x_dim=64, latent_sizes=(4,), hidden_sizes=(8,)),
+                    TrainConfig(dataset="synthetic", subset=64, batch_size=32, warmup_epochs=1))
+    ecfg = EvalConfig(every=1, iw_k=4, iw_chunk=4, test_subset=16, train_subset=32)
+    parent = get_or_train(dataclasses.replace(cfg, name="parent"), 1, ecfg, root=tmp_path, progress=False)
+    for spec in ("nonexistent@1", f"{parent.name}@7"):
+        bad = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=spec))
+        with pytest.raises(RunError):
+            get_or_train(bad, 2, ecfg, root=tmp_path, progress=False)
+        assert [p.name for p in tmp_path.iterdir()] == [parent.name]
+
+
 # -- 7. empty and out-of-range strings --------------------------------------------------------------
 @pytest.mark.parametrize("args,match", [
     (["--out", ""], "--out is empty; give a folder"),
