@@ -100,11 +100,12 @@ def iw_bound(model: HierarchicalVAE, x: torch.Tensor, k: int,
                          "(an integer: the number of importance samples)")
     _check_count("chunk_size", chunk_size, "all k samples at once")
     model.check_input(x)
-    return _iw_bound(model, x, k, min(chunk_size or k, k), generator)
+    return iw_bound_chunks(model, x, k, min(chunk_size or k, k), generator)
 
 
-def _iw_bound(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk: int, generator) -> torch.Tensor:
-    """:func:`iw_bound` without its argument checks (``chunk`` in [1, k])."""
+def iw_bound_chunks(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk: int, generator) -> torch.Tensor:
+    """:func:`iw_bound` without its argument checks (``chunk`` in [1, k]): the upward pass once, then the K
+    samples chunk by chunk, combined by a running log-sum-exp."""
     with torch.inference_mode():
         up = model.upward(x)  # the deterministic part, once per input
         total, workspace = None, {}
@@ -158,7 +159,7 @@ def iw_bound_batched(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk_size
                 for start in range(0, k, chunk)]
 
     def one(xs: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
-        res = _iw_bound(model, xs, k, chunk, NoiseReplay(eps))  # x was checked above, once
+        res = iw_bound_chunks(model, xs, k, chunk, NoiseReplay(eps))  # x was checked above, once
         if bar is not None:
             bar.update(len(xs))
         return res
