@@ -89,13 +89,56 @@ def _check_exportable(run: Run, with_checkpoint: bool) -> None:
                            f"fp16 weights); export it without --with-checkpoint (with_checkpoint=False)")
 
 
+MILESTONE_WEIGHTS = "model-fp16-e{epoch}.pt"  # the fp16 weights a run kept of an epoch it went past
+
+
+def milestone_files(run: Run, epoch: int) -> dict[str, bytes]:
+    """The files of ``run`` as it stood at ``epoch``, a milestone it went past and kept
+    (``model-fp16-e<epoch>.pt``, :mod:`lvae.campaign`): its evaluations up to that epoch, the per-image
+    values of that epoch, those weights as its ``model-fp16.pt``, and its provenance at that epoch
+    (complete there; ``milestone_of`` records how far the run itself had got). What it writes after
+    that epoch never changes these, so the run may still be training."""
+    kept = run.path / MILESTONE_WEIGHTS.format(epoch=epoch)
+    if not kept.is_file():
+        raise ArchiveError(f"{run.name} has no {kept.name} (kept weights of epoch {epoch}): export a milestone the "
+                           f"run went past and kept (lvae.campaign keeps 300 and 1,000), or the finished run itself")
+    if load_checkpoint(kept).get("epoch") != epoch:
+        raise ArchiveError(f"{run.name}: {kept.name} does not hold the weights of epoch {epoch}; export it again "
+                           f"once the run has rewritten it")
+    rows = [r for r in run.metrics() if r.get("epoch", 0) <= epoch]
+    if not rows or rows[-1].get("epoch") != epoch:
+        raise ArchiveError(f"{run.name} has no evaluation at epoch {epoch}; a milestone is an evaluated epoch")
+    evals = [r for r in run.evals() if r.get("epoch", 0) <= epoch]
+    prov = dict(run.provenance)
+    # what is known of the run at that epoch: the sessions that trained it up to there; its wall time
+    # and finishing time are those of the whole run so far, kept apart
+    prov["milestone_of"] = {"epochs": run.epochs, "status": run.status, "wall_seconds": prov.pop("wall_seconds", None),
+                            "finished": prov.pop("finished", None)}
+    prov.update({"status": "complete", "epochs": epoch, "target_epochs": epoch, "metrics_rows": len(rows),
+                 "sessions": [x for x in prov.get("sessions", []) if x.get("from_epoch", 0) < epoch]})
+    prov.pop("pid", None)
+    out = {"config.json": (run.path / "config.json").read_bytes(),
+           "provenance.json": (json.dumps(prov, indent=2, sort_keys=True) + "\n").encode(),
+           "metrics.jsonl": "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode(),
+           WEIGHTS_FP16: kept.read_bytes()}
+    if evals:
+        out["evals.jsonl"] = "".join(json.dumps(r, sort_keys=True) + "\n" for r in evals).encode()
+    for name in {r["per_image"] for r in rows + evals if r.get("per_image") and r.get("epoch") == epoch}:
+        out[name] = (run.path / name).read_bytes()
+    return out
+
+
 def export_runs(names: Iterable[str | os.PathLike], archive: str | os.PathLike, *,
-                root: str | os.PathLike | None = None, with_checkpoint: bool = False) -> dict[str, Any]:
+                root: str | os.PathLike | None = None, with_checkpoint: bool = False,
+                at_epoch: int | None = None) -> dict[str, Any]:
     """Write the runs ``names`` (folder names, unique prefixes or paths, as :func:`lvae.runs.open_run`
     takes them) of registry ``root`` into the tar file ``archive``; returns its manifest.
 
     The archive is written to a temp file and renamed into place. Refuses (ArchiveError, naming the
     fix) a run that is being trained, is damaged, or whose config does not hash to its folder name.
+    ``at_epoch``: each run as it stood at that epoch, a milestone it went past and kept
+    (:func:`milestone_files`; allowed while it trains, never with its checkpoint). Imported, such a
+    run is later replaced by the same run trained further (:func:`import_runs`).
     """
     if not str(archive).strip():
         raise ArchiveError("the archive name is empty; give the file to write, e.g. -o runs.tar")
@@ -109,16 +152,28 @@ def export_runs(names: Iterable[str | os.PathLike], archive: str | os.PathLike, 
         runs.setdefault(run.path.resolve(), run)
     if not runs:
         raise ArchiveError("no runs to export; name at least one (list them with `lvae runs`)")
+    if at_epoch is not None and with_checkpoint:
+        raise ArchiveError("a milestone (--at-epoch) is exported without its checkpoint, which holds a later epoch; "
+                           "leave out --with-checkpoint")
     entries, payloads = [], []
+    now = int(datetime.now().timestamp())
     for run in runs.values():
-        _check_exportable(run, with_checkpoint)
+        if at_epoch is None:
+            _check_exportable(run, with_checkpoint)
+            contents = [(p.name, p.read_bytes(), int(p.stat().st_mtime)) for p in run_files(run, with_checkpoint)]
+            status, epochs, prov = run.status, run.epochs, run.provenance
+        else:
+            if run.config.dir_name != run.name or run.status == "damaged":
+                _check_exportable(run, False)
+            snapshot = milestone_files(run, at_epoch)
+            contents = [(name, data, now) for name, data in sorted(snapshot.items())]
+            status, epochs, prov = "complete", at_epoch, json.loads(snapshot["provenance.json"])
         files = {}
-        for p in run_files(run, with_checkpoint):
-            data = p.read_bytes()
-            files[p.name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            payloads.append((f"{run.name}/{p.name}", data, int(p.stat().st_mtime)))
-        entries.append({"name": run.name, "key": run.config.key, "status": run.status, "epochs": run.epochs,
-                        "provenance": run.provenance, "files": files})
+        for name, data, mtime in contents:
+            files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            payloads.append((f"{run.name}/{name}", data, mtime))
+        entries.append({"name": run.name, "key": run.config.key, "status": status, "epochs": epochs,
+                        "provenance": prov, "files": files})
     manifest = {"lvae_archive": ARCHIVE_FORMAT, "lvae_version": __version__, "lvae_format": FORMAT_VERSION,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **git_commit(),
                 "with_checkpoint": with_checkpoint, "runs": entries}

@@ -309,6 +309,13 @@ def stop(root: Path | None = None) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except BrokenPipeError:  # `python scripts/campaign.py status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python scripts/campaign.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("start", help="start the workers in the background")

@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "compresses it)")
     rx.add_argument("--with-checkpoint", action="store_true",
                     help="include checkpoint.pt (fp32 weights and Adam state, to resume training; large)")
+    rx.add_argument("--at-epoch", type=int, default=None, metavar="E",
+                    help="each run as it stood at epoch E, a milestone it went past and kept (model-fp16-eE.pt; "
+                         "the long runs of scripts/campaign.py keep 300 and 1000); allowed while it trains")
     rx.add_argument("--out", default=argparse.SUPPRESS, help="results directory to read (default: $LVAE_RESULTS or "
                     "./results)")
     ri = rs.add_parser("import", help="add the runs of an archive (lvae runs export) to the registry",
@@ -498,7 +501,8 @@ def _check_cluster_options(ns: argparse.Namespace) -> None:
 def _runs_export(ns: argparse.Namespace) -> int:
     if not ns.output.strip():
         raise ConfigError("-o is empty; give the archive file to write, e.g. -o runs.tar")
-    manifest = export_runs(ns.names, ns.output, root=ns.out, with_checkpoint=ns.with_checkpoint)
+    manifest = export_runs(ns.names, ns.output, root=ns.out, with_checkpoint=ns.with_checkpoint,
+                           at_epoch=ns.at_epoch)
     n_files = sum(len(e["files"]) for e in manifest["runs"])
     size = sum(f["size"] for e in manifest["runs"] for f in e["files"].values())
     print(f"wrote {ns.output}: {len(manifest['runs'])} run(s), {n_files} files, {size / 1e6:.1f} MB")

@@ -176,6 +176,29 @@ def test_a_run_trained_further_replaces_its_imported_prefix_and_nothing_else_doe
     assert Run(dest / cfg.dir_name).epochs == 3
 
 
+def test_a_milestone_of_a_run_in_training_is_exported_and_later_replaced_by_the_run(small_campaign, tmp_path):
+    stages = [campaign.Stage("lvae_bn_wu", 0, 2), campaign.Stage("lvae_bn_wu", 0, 4)]
+    campaign.work(stages=stages[:1] + [campaign.Stage("lvae_bn_wu", 0, 3)], progress=False, log=lambda s: None)
+    run = Run(campaign.registry() / small_config("lvae_bn_wu", 0).dir_name)
+    dest = tmp_path / "results"
+    with run_lock(run.path):  # it is being trained: a milestone it went past can still be exported
+        with pytest.raises(ArchiveError, match="no model-fp16-e3.pt"):
+            export_runs([run.path], tmp_path / "m3.tar", at_epoch=3)
+        export_runs([run.path], tmp_path / "m2.tar", at_epoch=2)
+    (imported,) = import_runs(tmp_path / "m2.tar", root=dest)
+    snap = Run(dest / run.name)
+    assert (imported.epochs, snap.epochs, snap.status, snap.damage()) == (2, 2, "complete", None)
+    assert snap.metrics() == [r for r in run.metrics() if r["epoch"] <= 2]
+    assert load_checkpoint(snap.path / WEIGHTS_FP16)["epoch"] == 2 and snap.provenance["milestone_of"]["epochs"] == 3
+    assert (snap.path / snap.metrics()[-1]["per_image"]).exists()
+    assert snap.load_model() is not None
+    # the run trained on replaces its milestone
+    campaign.work(stages=stages, progress=False, log=lambda s: None)
+    export_runs([run.path], tmp_path / "e4.tar")
+    (imported,) = import_runs(tmp_path / "e4.tar", root=dest)
+    assert (imported.epochs, Run(dest / run.name).epochs, imported.identical) == (4, 4, False)
+
+
 # -- the numbers of the step the runs in flight use ----------------------------------------------------
 def fingerprint() -> str:
     """What decides a float32 step's rounding besides the code: torch and the CPU's vector extensions."""
