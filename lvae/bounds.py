@@ -103,7 +103,8 @@ def iw_bound(model: HierarchicalVAE, x: torch.Tensor, k: int,
     return iw_bound_chunks(model, x, k, min(chunk_size or k, k), generator)
 
 
-def iw_bound_chunks(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk: int, generator) -> torch.Tensor:
+def iw_bound_chunks(model: HierarchicalVAE, x: torch.Tensor, k: int,
+                    chunk: int, generator) -> torch.Tensor:
     """:func:`iw_bound` without its argument checks (``chunk`` in [1, k]): the upward pass once, then the K
     samples chunk by chunk, combined by a running log-sum-exp."""
     with torch.inference_mode():

@@ -111,7 +111,8 @@ class Criterion:
 
 
 def decide(est: Estimate | None, test: Criterion,
-           at_paper_budget: bool = False, n_parts: int = 1) -> tuple[str, str]:
+           at_paper_budget: bool = False,
+           n_parts: int = 1) -> tuple[str, str]:
     """(verdict, reason) for ``est`` under ``test``, one of ``n_parts`` parts of a claim; the rule of the
     module docstring (a part is not reproduced only when its CI at the Bonferroni level 1 - 0.05/n_parts
     is on the other side)."""
@@ -119,12 +120,15 @@ def decide(est: Estimate | None, test: Criterion,
     if verdict == NOT_REPRODUCED and n_parts > 1:
         wide = est.at_level(1 - (1 - est.level) / n_parts)
         again, _ = _decide(wide, test, at_paper_budget)
+        level = (f"the Bonferroni level {100 * wide.level:.2f} % "
+                 f"for {n_parts} parts")
         if again != NOT_REPRODUCED:
-            return UNRESOLVED, (f"{reason} at 95 %, but not at the Bonferroni level "
-                                f"{100 * wide.level:.2f} % for {n_parts} parts")
-        reason += f" (also at the Bonferroni level {100 * wide.level:.2f} % for {n_parts} parts)"
-    if verdict == REPRODUCED and test.paper_budget_only and not at_paper_budget:
-        return UNRESOLVED, f"{reason}, but only the paper's budget can show it"
+            return UNRESOLVED, f"{reason} at 95 %, but not at {level}"
+        reason += f" (also at {level})"
+    below = test.paper_budget_only and not at_paper_budget
+    if verdict == REPRODUCED and below:
+        why = "but only the paper's budget can show it"
+        return UNRESOLVED, f"{reason}, {why}"
     return verdict, reason
 
 

@@ -180,8 +180,8 @@ class LadderLayer(StochasticLayer):
         up = self.up.head(d)
         return (up.mu if self.up_input == "mu" else d), up
 
-    def q(self, up: Normal, z_above: Tensor | None, k: int,
-          generator=None, z: Tensor | None = None, mean: bool = False) -> LayerSample:
+    def q(self, up: Normal, z_above: Tensor | None, k: int, generator=None,
+          z: Tensor | None = None, mean: bool = False) -> LayerSample:
         """q(z_i|z_i+1, x) from the upward Gaussian ``up`` and the sample ``z_above`` of z_i+1 (None for
         the top layer: q(z_L|x) = N(mu_hat_L, var_hat_L), expanded over the ``k`` samples), and z_i
         drawn from it (:meth:`StochasticLayer.draw`)."""
@@ -190,7 +190,8 @@ class LadderLayer(StochasticLayer):
             q = up.expand(k)
             return LayerSample(self.draw(q, generator, z, mean), q, p)
         down = p if self.down is None else self.down(z_above)
-        q = Normal(*precision_weighted(up.mu, up.var, down.mu, down.var))  # eqs 17-18
+        # eqs 17-18: the precision-weighted merge of the two Gaussians
+        q = Normal(*precision_weighted(up.mu, up.var, down.mu, down.var))
         return LayerSample(self.draw(q, generator, z, mean), q, p, up, down)
 
 
@@ -320,8 +321,10 @@ class HierarchicalVAE(nn.Module):
             up.append(gaussian)
         return up
 
-    def posterior(self, up, k: int = 1, generator: torch.Generator | None = None,
-                  z: Latents = None, mean: bool = False) -> list[LayerSample]:
+    def posterior(self, up, k: int = 1,
+                  generator: torch.Generator | None = None,
+                  z: Latents = None,
+                  mean: bool = False) -> list[LayerSample]:
         """The stochastic part of inference from :meth:`upward`'s ``up``: ``k`` samples of every z_i
         (``[k, B, d_i]``) with q and p of each, bottom to top. Each block draws its z_i from q given
         the z drawn just before: the LVAE top-down, z_i ~ q(z_i|z_i+1, x) (eqs 16-19), the VAE
@@ -334,18 +337,23 @@ class HierarchicalVAE(nn.Module):
         """
         given, L = self._given(z), len(self.layers)
         order = reversed(range(L)) if self.ladder else range(L)
-        ups = up if self.ladder else [up] + [None] * (L - 1)  # the VAE's only deterministic part: q(z_1|x)
+        # the VAE's only deterministic part is that of q(z_1|x)
+        ups = up if self.ladder else [up] + [None] * (L - 1)
         samples: list[LayerSample | None] = [None] * L
-        z_before = None  # the z drawn just before: z_i+1 (LVAE), z_i-1 (VAE); none for the first
+        # the z drawn just before: z_i+1 (LVAE), z_i-1 (VAE); none at first
+        z_before = None
         for i in order:
-            samples[i] = self.layers[i].q(ups[i], z_before, k, generator, given[i], mean)
+            layer = self.layers[i]
+            samples[i] = layer.q(ups[i], z_before, k, generator, given[i], mean)
             z_before = samples[i].z
-        # The VAE's p(z_i|z_i+1) conditions on a z_i+1 drawn after z_i: it is evaluated once every z is
-        # drawn, bottom to top (the order the training steps' rounding depends on). The LVAE's blocks
-        # evaluated theirs before drawing, for the merge.
+        # The VAE's p(z_i|z_i+1) conditions on a z_i+1 drawn after z_i: it is
+        # evaluated once every z is drawn, bottom to top (the order the
+        # training steps' rounding depends on). The LVAE's blocks evaluated
+        # theirs before drawing, for the merge.
         for i, sample in enumerate(samples):
             if sample.p is None:
-                sample.p = self.layers[i].p(samples[i + 1].z if i + 1 < L else None)
+                z_above = samples[i + 1].z if i + 1 < L else None
+                sample.p = self.layers[i].p(z_above)
         return samples
 
     def forward_from(self, x: Tensor, up, k: int = 1, generator: torch.Generator | None = None,

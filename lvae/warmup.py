@@ -11,7 +11,8 @@ from __future__ import annotations
 def warmup_beta(epoch: int, warmup_epochs: int) -> float:
     """beta for the epoch with 0-based index ``epoch`` (0 = the first epoch)."""
     if epoch < 0:
-        raise ValueError(f"epoch={epoch} must be >= 0 (0-based: the first epoch is 0)")
+        raise ValueError(f"epoch={epoch} must be >= 0 "
+                         "(0-based: the first epoch is 0)")
     if warmup_epochs <= 0:
         return 1.0
     return min(1.0, epoch / warmup_epochs)
