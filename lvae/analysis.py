@@ -538,9 +538,17 @@ def active_unit_rows(runs: dict, variants: Sequence[str], depth: int) -> list[di
         cols = counts[v]
         rows.append({"model": f"{VARIANTS[v]['label']} {depth}-layer",
                      "seeds": seeds_cell([cols["total"]], len({k[2] for k in runs})),
-                     **{f"z{i + 1} ({d})": cols[f"z{i + 1}"].text("{:.1f}") for i, d in enumerate(sizes)},
-                     "total": cols["total"].text("{:.1f}"), "of": sum(sizes)})
+                     **{f"z{i + 1} ({d})": _count_cell(cols[f"z{i + 1}"]) for i, d in enumerate(sizes)},
+                     "total": _count_cell(cols["total"]), "of": sum(sizes)})
     return rows
+
+
+def _count_cell(sm: SeedMean) -> tuple[str, ...] | str:
+    """A count over seeds in a narrow column: the mean, and its ± on a second line."""
+    if sm.value is None:
+        return "—"
+    spread = sm.spread_text("{:.1f}")
+    return (f"{sm.value:.1f}", spread) if spread else f"{sm.value:.1f}"
 
 
 TABLE1_KEYS = ("t1_vae1_nf", "t1_iwae2_iw1", "t1_iwae2_iw50", "t1_vae2_vgp", "t1_lvae5", "t1_lvae5_ft",
