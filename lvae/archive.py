@@ -33,8 +33,8 @@ from typing import Any, Iterable
 
 from . import __version__
 from .config import ConfigError
-from .runs import (CHECKPOINT, FORMAT_VERSION, SANE_CHECKPOINT, WEIGHTS_FP16, Run, check_run_name, load_checkpoint,
-                   open_run, results_dir)
+from .runs import (CHECKPOINT, FORMAT_VERSION, MILESTONE_WEIGHTS, SANE_CHECKPOINT, WEIGHTS_FP16, Run,
+                   check_run_name, load_checkpoint, open_run, results_dir)
 from .storage import RunError, check_writable, git_commit
 
 ARCHIVE_FORMAT = 1
@@ -87,9 +87,6 @@ def _check_exportable(run: Run, with_checkpoint: bool) -> None:
     if with_checkpoint and not (run.path / CHECKPOINT).exists():
         raise ArchiveError(f"{run.name} has no {CHECKPOINT} to include (committed runs keep only their metrics and "
                            f"fp16 weights); export it without --with-checkpoint (with_checkpoint=False)")
-
-
-MILESTONE_WEIGHTS = "model-fp16-e{epoch}.pt"  # the fp16 weights a run kept of an epoch it went past
 
 
 def milestone_files(run: Run, epoch: int) -> dict[str, bytes]:

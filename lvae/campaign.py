@@ -49,7 +49,7 @@ from .config import EvalConfig, RunConfig
 from .datasets import load_dataset
 from .engine import get_or_train
 from .profiles import experiment, load_profile
-from .runs import WEIGHTS_FP16, Run, load_checkpoint
+from .runs import MILESTONE_WEIGHTS, WEIGHTS_FP16, Run, load_checkpoint
 from .storage import RunLockedError, atomic_write_bytes
 from .train import evaluate_run
 
@@ -65,7 +65,6 @@ FULL_TEST_EPOCH = MILESTONES[-1]  # L_5000 on all test images
 FULL_TEST_IMAGES = 10000
 THREADS = 1  # torch threads per worker, the same at every resume
 WORKERS = 2
-MILESTONE_WEIGHTS = "model-fp16-e{epoch}.pt"
 
 
 def home() -> Path:
@@ -238,7 +237,8 @@ def status(root: Path | None = None) -> list[dict]:
                        test_L1=metrics[-1].get("test_L1") if metrics else None,
                        test_LK=lk[-1]["test_LK"] if lk else None, LK_epoch=lk[-1]["epoch"] if lk else None,
                        seconds_per_epoch=sum(per_epoch) / len(per_epoch) if per_epoch else None,
-                       milestones=sorted(int(p.stem.rsplit("-e", 1)[1]) for p in run.path.glob("model-fp16-e*.pt")))
+                       milestones=sorted(int(p.stem.rsplit("-e", 1)[1])
+                                         for p in run.path.glob(MILESTONE_WEIGHTS.format(epoch="*"))))
         rows.append(row)
     return rows
 

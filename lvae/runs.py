@@ -63,6 +63,7 @@ RESULTS_ENV = "LVAE_RESULTS"
 FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS_FP16 = "model-fp16.pt"
+MILESTONE_WEIGHTS = "model-fp16-e{epoch}.pt"  # the fp16 weights a run kept of an epoch it went past
 PER_IMAGE = "per-image-e{epoch}-L{k}-n{n}.npz"  # per-test-image L1 (all test images) and L_K (the first n)
 # a hard link to the checkpoint a failing session rolls back to (its last sane evaluation, or the one
 # it resumed from); it exists only while a session trains (and after a kill, until the next one starts)

@@ -223,14 +223,20 @@ def test_value_claims_against_the_paper_and_the_budget(tmp_path):
     assert evaluate_claim(claim, reg).verdict == NOT_REPRODUCED
 
 
-def test_every_claim_on_a_fake_grid_reads_only(tmp_path):
+def fake_grid(root, active=lambda v: None):
+    """The Fig-3 grid at depths 1-5 in registry ``root``: L1 rises with depth and from VAE to LVAE+BN+WU
+    (``images``), ``active(variant)`` units per layer; returns its profile."""
     P = dataclasses.replace(profile(), depths=(1, 2, 3, 4, 5))
     offsets = {"vae": 0.0, "vae_bn": 1.0, "vae_bn_wu": 2.0, "lvae_bn_wu": 3.0}
     for v in FIG3_VARIANTS:
         for d in P.depths:
             for s in P.seeds:
-                write_run(tmp_path, P, v, d, s, images(offsets[v] + d, s), active=SIZES if v == "lvae_bn_wu"
-                          else (60,))
+                write_run(root, P, v, d, s, images(offsets[v] + d, s), active=active(v))
+    return P
+
+
+def test_every_claim_on_a_fake_grid_reads_only(tmp_path):
+    P = fake_grid(tmp_path, active=lambda v: SIZES if v == "lvae_bn_wu" else (60,))
     before = sorted(p.name for p in tmp_path.rglob("*"))
     rows = evaluate(P, tmp_path)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing trained, nothing written
@@ -341,12 +347,7 @@ def test_active_diff_keeps_missing_pairs_as_not_run_parts(tmp_path):
 
 def test_one_quantity_is_tested_by_one_claim(tmp_path):
     """Finding 7: no part (a quantity and its models) appears in two claims; the duplicates point to it."""
-    P = dataclasses.replace(profile(), depths=(1, 2, 3, 4, 5))
-    offsets = {"vae": 0.0, "vae_bn": 1.0, "vae_bn_wu": 2.0, "lvae_bn_wu": 3.0}
-    for v in FIG3_VARIANTS:
-        for d in P.depths:
-            for s in P.seeds:
-                write_run(tmp_path, P, v, d, s, images(offsets[v] + d, s))
+    P = fake_grid(tmp_path)
     rows = evaluate(P, tmp_path)
     owner = {}
     for r in rows:
