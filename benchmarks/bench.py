@@ -5,7 +5,7 @@
     python benchmarks/bench.py --only step,iw  # sections: peak, step, epoch, iw, grid, bf16, book, gpu
 
 The ``gpu`` section runs only where CUDA is present (it names the card): the LVAE-5 step at batch 256
-as the eager step (lvae.train.train_step), then the engine's step (pre-drawn inputs, lvae.engine) in whole
+as the eager step (lvae.training.step.train_step), then the engine's step (pre-drawn inputs, lvae.training.loop) in whole
 epochs with the prefetch thread on, as training runs it: one model in fp32 and bf16, eager and captured as a
 CUDA graph, then grid groups (3 and 6 stacked models) eager and captured, and 6 in bf16 captured.
 
@@ -39,16 +39,16 @@ sys.path.insert(0, str(HERE))
 import reference as ref  # noqa: E402
 
 import lvae  # noqa: E402
-from lvae import data as datasets  # noqa: E402
-from lvae.bounds import iw_bound, iw_bound_batched  # noqa: E402
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from lvae.datasets import MNIST_FILES, data_dir, load_dataset  # noqa: E402
-from lvae.engine import GridTrainer, SingleModel, epoch_inputs, get_or_train, run_epoch  # noqa: E402
-from lvae.grid import train_grid  # noqa: E402
-from lvae.models import draw_noise  # noqa: E402
-from lvae.storage import git_commit  # noqa: E402
-from lvae.train import bf16_matmul, generator, learning_rate, make_optimizer, train_step  # noqa: E402
-from lvae.warmup import warmup_beta  # noqa: E402
+from lvae.data import batches as datasets  # noqa: E402
+from lvae.data.datasets import MNIST_FILES, data_dir, load_dataset  # noqa: E402
+from lvae.model.bounds import iw_bound, iw_bound_batched  # noqa: E402
+from lvae.model.network import draw_noise  # noqa: E402
+from lvae.model.warmup import warmup_beta  # noqa: E402
+from lvae.registry.storage import git_commit  # noqa: E402
+from lvae.training.grid import train_grid  # noqa: E402
+from lvae.training.loop import GridTrainer, SingleModel, epoch_inputs, get_or_train, run_epoch  # noqa: E402
+from lvae.training.step import bf16_matmul, generator, learning_rate, make_optimizer, train_step  # noqa: E402
 
 OUT: dict = {}
 PRIMARY = 1  # which time the ratios use: 1 = CPU time (with --threads 1), 0 = wall time
@@ -123,7 +123,7 @@ def lib_model(inference: str):
 
 
 def make_lib_step(model, x, beta=0.5, **train):
-    """The library's training step (lvae.train.train_step: the step of lvae.engine, noise drawn in it)."""
+    """The library's training step (lvae.training.step.train_step: the step of lvae.training.loop, noise drawn in it)."""
     cfg = TrainConfig(**train)
     opt = make_optimizer(model, cfg)
     g = generator("cpu", "noise", 0, 0)
@@ -223,7 +223,7 @@ def bench_epoch(reps: int, subset: int | None, peak_fp32: float) -> list[dict]:
 
 
 def lib_epoch(stepper, data, epoch: int, run_cfg: RunConfig) -> None:
-    """One epoch as lvae.engine.train_stack trains it: the inputs prepared, the steps, one host sync."""
+    """One epoch as lvae.training.loop.train_stack trains it: the inputs prepared, the steps, one host sync."""
     cfg = run_cfg.train
     stepper.set_epoch([warmup_beta(epoch, cfg.warmup_epochs)], learning_rate(epoch, cfg))
     run_epoch(stepper, epoch_inputs(data, epoch, [run_cfg], stepper.device)).cpu()
@@ -233,13 +233,13 @@ def lib_epoch(stepper, data, epoch: int, run_cfg: RunConfig) -> None:
 def bench_iw(n_ratio: int, n_abs: int, k: int, peak_fp32: float) -> list[dict]:
     data = load_dataset("mnist", subset=1000, test_subset=max(n_ratio, n_abs))
     xt = data.x_test
-    chunk, batch = 500, 50  # as lvae.train.evaluate: 25,000 rows per chunk
+    chunk, batch = 500, 50  # as lvae.training.step.evaluate: 25,000 rows per chunk
     lm = lib_model("ladder").eval()
     rm = ref.RefModel(ladder=True)
     rm.load_state_dict(lm.state_dict())
     rm.eval()
 
-    def lib(n):  # as lvae.train.evaluate: one worker thread per torch thread
+    def lib(n):  # as lvae.training.step.evaluate: one worker thread per torch thread
         g = generator("cpu", "eval", 0, 0)
         return iw_bound_batched(lm, xt[:n], k, chunk, batch, g, workers=torch.get_num_threads())
 
@@ -302,7 +302,7 @@ def bench_grid(subset: int) -> list[dict]:
     print(f"[grid] 3 seeds of VAE-5, 1 epoch of {subset} images (+ a small evaluation): one by one {one:.1f} s, "
           f"grid {grid:.1f} s (x{grid / one:.2f})   ({load()})")
     return [{"what": f"3 x VAE-5, 1 epoch, {subset} images", "impl": "one by one", "ms": 1e3 * one, "ratio": 1.0},
-            {"what": f"3 x VAE-5, 1 epoch, {subset} images", "impl": "lvae.grid (vmap)", "ms": 1e3 * grid,
+            {"what": f"3 x VAE-5, 1 epoch, {subset} images", "impl": "lvae.training.grid (vmap)", "ms": 1e3 * grid,
              "ratio": grid / one}]
 
 
@@ -311,7 +311,7 @@ def bench_bf16(subset: int, epochs: int, seeds: int) -> list[dict]:
     """Test L1 of the same short runs in fp32 and bf16. One short run's L1 moves by ~0.5 nats with
     any rounding-level perturbation (seed-to-seed sd is similar), so the comparison is averaged over
     ``seeds`` seeds; the per-seed differences are printed too. Where bf16 matmuls are not fast
-    (lvae.train.bf16_matmul) training refuses bf16, and so the section is skipped."""
+    (lvae.training.step.bf16_matmul) training refuses bf16, and so the section is skipped."""
     fast, why = bf16_matmul("cpu")
     if not fast:
         print(f"[bf16] skipped: no fast bf16 matmul here ({why}); lvae refuses precision='bf16' on this CPU")
@@ -368,7 +368,7 @@ def _gpu_data():
 
 
 def _epoch_ms(stepper, data, cfgs, dev, reps: int) -> float:
-    """Median ms per step over ``reps`` epochs run as lvae.engine.train_stack runs them: beta and lr set, a due
+    """Median ms per step over ``reps`` epochs run as lvae.training.loop.train_stack runs them: beta and lr set, a due
     capture, then the next epoch's inputs prepared on the prefetch thread while the epoch's steps run (the first
     epoch, which captures, is not timed)."""
     n = len(cfgs)
@@ -391,7 +391,7 @@ def _epoch_ms(stepper, data, cfgs, dev, reps: int) -> float:
 
 
 def bench_gpu(steps: int, reps: int) -> list[dict]:
-    """LVAE-5 at batch 256 on the GPU: the plain eager step (lvae.train.train_step) per step, then the engine's
+    """LVAE-5 at batch 256 on the GPU: the plain eager step (lvae.training.step.train_step) per step, then the engine's
     step in whole MNIST epochs with the prefetch thread on, as training runs it: one model and grid groups of 3 and
     6, eager and captured as a CUDA graph, fp32 and bf16 (a grid row: the group's step, and per model). A row that
     fails is printed and stored with its error, and the others go on (the section is meant for a first GPU run)."""
@@ -469,7 +469,7 @@ def bench_gpu(steps: int, reps: int) -> list[dict]:
     return rows
 
 
-EAGER = "eager step (lvae.train.train_step)"
+EAGER = "eager step (lvae.training.step.train_step)"
 
 
 # -- the cached book rebuild -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lvae.checkpoint_format import format_1_state_dict
+from lvae.model.checkpoint_format import format_1_state_dict
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -3,7 +3,7 @@ import re
 
 import torch
 
-TORCH_FLOOR = (2, 6)  # torch.nn.utils.get_total_norm / clip_grads_with_norm_ (lvae.optim); pyproject.toml says the same
+TORCH_FLOOR = (2, 6)  # torch.nn.utils.get_total_norm / clip_grads_with_norm_ (lvae.training.optim); pyproject.toml says the same
 
 
 def check_torch(version: str) -> None:
@@ -20,10 +20,10 @@ def check_torch(version: str) -> None:
 
 check_torch(torch.__version__)
 
-from .bounds import elbo, iw_bound, kl_per_unit, training_bound  # noqa: E402 -- after the torch check
-from .config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from .models import HierarchicalVAE, build_model, count_parameters  # noqa: E402
-from .warmup import warmup_beta  # noqa: E402
+from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from lvae.model.bounds import elbo, iw_bound, kl_per_unit, training_bound  # noqa: E402 -- after the torch check
+from lvae.model.network import HierarchicalVAE, build_model, count_parameters  # noqa: E402
+from lvae.model.warmup import warmup_beta  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -2,9 +2,9 @@
 
 Every ModelConfig / TrainConfig / EvalConfig field is an option (``--latent-sizes 64,32``,
 ``--no-batch-norm``, ``--lr 1e-3``, ``--eval-every 1``, ``--iw-k 50`` as ``lvae eval`` spells it ...).
-``lvae train --profile NAME`` takes the budget from lvae/profiles.yml: ``--profile cpu --variant V
---depth D [--seed S]`` is the run ``lvae.profiles.experiment("cpu", V, D, S)``, the one the book reads.
-:func:`lvae.commands.train_command` is the inverse: the command that makes a given run.
+``lvae train --profile NAME`` takes the budget from lvae/registry/profiles.yml: ``--profile cpu --variant V
+--depth D [--seed S]`` is the run ``lvae.registry.profiles.experiment("cpu", V, D, S)``, the one the book reads.
+:func:`lvae.registry.commands.train_command` is the inverse: the command that makes a given run.
 
 Invalid options or values (a device this machine lacks, an --out that is a file, a subset larger
 than the dataset, a warm-up the training never finishes) are refused before anything is created,
@@ -23,23 +23,24 @@ import sys
 import typing
 from typing import Any, Sequence
 
-from .archive import export_runs, import_runs
-from .config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from .executors import EXECUTORS, JOBS_DIR, JobOptions, require_submitit, train_grid_on
-from . import datasets
-from .bookbuild import BookError, build, parse_params, sync_notebooks
-from .commands import cli_value, option_aliases, option_name
-from .datasets import DATASETS, DataError, load_dataset
-from .engine import get_or_train
-from .experiments import DEPTHS, VARIANTS, run_config
-from .experiments import grid as named_grid
-from .grid import train_grid
-from .profiles import experiment, load_profile, profile_grid
-from .runs import CHECKPOINT, WEIGHTS_FP16, check_run_name, open_run, registry_rows, results_dir
-from .storage import RunError
-from .train import evaluate_run
-from .training import check_init_from
-from .warmup import warmup_beta
+from lvae.book.build import BookError, build, parse_params, sync_notebooks
+from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from lvae.data import datasets
+from lvae.data.datasets import DATASETS, DataError, load_dataset
+from lvae.model.warmup import warmup_beta
+from lvae.registry.archive import export_runs, import_runs
+from lvae.registry.commands import cli_value, option_aliases, option_name
+from lvae.registry.experiments import DEPTHS, VARIANTS
+from lvae.registry.experiments import grid as named_grid
+from lvae.registry.experiments import run_config
+from lvae.registry.profiles import experiment, load_profile, profile_grid
+from lvae.registry.runs import CHECKPOINT, WEIGHTS_FP16, check_run_name, open_run, registry_rows, results_dir
+from lvae.registry.storage import RunError
+from lvae.training.checkpoints import check_init_from
+from lvae.training.executors import EXECUTORS, JOBS_DIR, JobOptions, require_submitit, train_grid_on
+from lvae.training.grid import train_grid
+from lvae.training.loop import get_or_train
+from lvae.training.step import evaluate_run
 
 _SECTIONS = (("model", ModelConfig), ("train", TrainConfig), ("eval", EvalConfig))
 
@@ -139,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, default=None,
                    help="train until the run has this many epochs (required unless --profile)")
     t.add_argument("--grid", choices=("fig3",), default=None,
-                   help="train the whole Fig-3 grid (4 variants x depths) at once with lvae.grid (stacked models)")
+                   help="train the whole Fig-3 grid (4 variants x depths) at once with lvae.training.grid (stacked models)")
     t.add_argument("--depths", default=None, help="with --grid: depths, e.g. 1,2,3 (default: 1-5)")
     t.add_argument("--profile", default=None,
-                   help="budget (epochs, warm-up, evaluation, subset) from lvae/profiles.yml (smoke | cpu | paper): "
+                   help="budget (epochs, warm-up, evaluation, subset) from lvae/registry/profiles.yml (smoke | cpu | paper): "
                         "one run, the very run the book's chapters use; with --grid the whole grid")
     t.add_argument("--name", default=None, help="run name (default: <dataset>-<variant>-<depth>)")
     t.add_argument("--out", default=None, help="results directory (default: $LVAE_RESULTS or ./results)")
@@ -207,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--path", default=None, help="local file (omniglot chardata.mat, norb .npz)")
 
     b = sub.add_parser("book", help="execute the book's chapters with papermill and build the HTML")
-    b.add_argument("--profile", default="cpu", help="budget from lvae/profiles.yml (smoke | cpu | paper)")
+    b.add_argument("--profile", default="cpu", help="budget from lvae/registry/profiles.yml (smoke | cpu | paper)")
     b.add_argument("--chapter", action="append", default=[], help="only this chapter (repeatable; default: all)")
     b.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
                    help="chapter parameter override, e.g. -p epochs=3 -p depths=[1,2]")

@@ -3,7 +3,7 @@
 Every choice on which the paper and the authors' code differ is a field here, so that the book
 can show it as an ablation. Defaults follow the authors' code where it produced the numbers and the
 paper where the code is a quirk; book/protocol.md gives the source of every default
-(:data:`lvae.protocol.SOURCES`).
+(:data:`lvae.report.protocol.SOURCES`).
 """
 from __future__ import annotations
 
@@ -225,7 +225,7 @@ class EvalConfig:
     the trajectory (evaluation uses its own random generators).
 
     Its defaults, like TrainConfig's, are the only place they are written: a profile that omits a key,
-    ``run_config``, ``lvae eval`` / ``evaluate_run`` and the paper's budget (lvae.protocol) read them."""
+    ``run_config``, ``lvae eval`` / ``evaluate_run`` and the paper's budget (lvae.report.protocol) read them."""
 
     every: int = 10  # train/test L1 and per-unit KL every `every` epochs (and at the last epoch)
     iw_k: int = 5000  # K of the importance-weighted test bound L_K (the paper's). Written only here

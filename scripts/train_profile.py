@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from lvae.profile_runs import get_run
-from lvae.profiles import load_profile
-from lvae.storage import RunLockedError
+from lvae.registry.profiles import load_profile
+from lvae.registry.storage import RunLockedError
+from lvae.training.profile_runs import get_run
 
 
 def _ints(text):

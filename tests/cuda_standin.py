@@ -1,9 +1,9 @@
-"""A CPU stand-in for CUDA graphs, so that the engine's capture path (``lvae.engine.Stepper._capture`` and the
+"""A CPU stand-in for CUDA graphs, so that the engine's capture path (``lvae.training.loop.Stepper._capture`` and the
 replays in ``Stepper.step``) runs in CI without a GPU, with the checks a real capture fails on -- or, worse,
 silently goes wrong on.
 
 :meth:`CudaStandin.install` replaces, for one test (``monkeypatch``), ``torch.cuda.CUDAGraph``, ``torch.cuda.graph``,
-``torch.cuda.Stream`` / ``stream`` / ``current_stream`` / ``device`` and ``lvae.engine.graphed`` (the CPU plays
+``torch.cuda.Stream`` / ``stream`` / ``current_stream`` / ``device`` and ``lvae.training.loop.graphed`` (the CPU plays
 ``cuda:0``: a step is captured when ``cuda_graph=True`` and not compiled), and lets PyTorch's capturable Adam run on
 the CPU. What the stand-in does and checks:
 
@@ -18,7 +18,7 @@ the CPU. What the stand-in does and checks:
 * **Refused during a capture**: a host sync (``.item()``, data-dependent shapes), a random draw (the step must read
   its noise from static tensors), an optimizer step with ``capturable=False`` (PyTorch's own health check, which
   only runs on a real accelerator), a capture on a device other than the step's, and -- under the default
-  ``capture_error_mode="global"`` -- any work of another thread: work handed to ``lvae.engine.ThreadPoolExecutor``
+  ``capture_error_mode="global"`` -- any work of another thread: work handed to ``lvae.training.loop.ThreadPoolExecutor``
   (the prefetch of the next epoch's inputs) counts as possibly running until the training loop has waited for its
   result (on a GPU it copies ~188 MB and draws ~1,175 noise tensors), and each op such a thread runs while a capture
   is under way fails, as CUDA's "operation not permitted when stream is capturing".
@@ -35,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import lvae.engine
+import lvae.training.loop
 
 HOST_SYNC = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
              torch.ops.aten.is_nonzero.default}
@@ -45,7 +45,7 @@ class CaptureError(RuntimeError):
     """What a real CUDA-graph capture or replay would fail on (or silently get wrong)."""
 
 
-def graph_tensors(stepper: lvae.engine.Stepper) -> dict[str, torch.Tensor]:
+def graph_tensors(stepper: lvae.training.loop.Stepper) -> dict[str, torch.Tensor]:
     """The tensors a stepper's captured graph reads and writes in place, by name: static inputs, beta and the
     learning rate, parameters, the flat parameters and gradients, the Adam moments and step counter, the buffers."""
     out = {"static input x": stepper._x, "beta": stepper.beta}
@@ -53,7 +53,7 @@ def graph_tensors(stepper: lvae.engine.Stepper) -> dict[str, torch.Tensor]:
     if isinstance(lr, torch.Tensor):
         out["learning rate"] = lr
     out.update({f"static noise {i}": e for i, e in enumerate(stepper._eps)})
-    params = (stepper.params.items() if isinstance(stepper, lvae.engine.GridTrainer)
+    params = (stepper.params.items() if isinstance(stepper, lvae.training.loop.GridTrainer)
               else stepper.models[0].named_parameters())
     out.update({f"parameter {k}": p for k, p in params})
     names = ("flat parameters", "flat gradients", "Adam exp_avg", "Adam exp_avg_sq", "Adam step")
@@ -129,7 +129,7 @@ class _Recorder(TorchDispatchMode):
                                f"shape) is not allowed while a stream captures; keep the step on the device")
         if torch.Tag.nondeterministic_seeded in func.tags:
             raise CaptureError(f"{func} inside a CUDA-graph capture: a random draw in the step; draw the noise "
-                               f"before the step into static tensors (lvae.engine.epoch_inputs)")
+                               f"before the step into static tensors (lvae.training.loop.epoch_inputs)")
         leaves, _ = tree_flatten((args, kwargs))
         for t in leaves:
             if isinstance(t, torch.Tensor) and t.numel() and _storage(t) not in self.produced:
@@ -160,7 +160,7 @@ class _Capture:
 
 @dataclass
 class _Handle:
-    """A future of :class:`lvae.engine.ThreadPoolExecutor`: its work counts as running until ``result()``."""
+    """A future of :class:`lvae.training.loop.ThreadPoolExecutor`: its work counts as running until ``result()``."""
 
     future: Any
     held: threading.Event
@@ -362,7 +362,7 @@ class CudaStandin:
                     h.held.set()
                 super().shutdown(wait, cancel_futures=cancel_futures)
 
-        capture = lvae.engine.Stepper._capture
+        capture = lvae.training.loop.Stepper._capture
 
         def bound_capture(stepper, x, eps):
             standin.expected = _index(stepper.device, standin.device)
@@ -383,8 +383,8 @@ class CudaStandin:
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(device))
         monkeypatch.setattr(torch.cuda, "stream", lambda s: _Context(standin.device if s is None else s.device_index))
         monkeypatch.setattr(torch.cuda, "device", lambda d: _Context(_index(d, standin.device)))
-        monkeypatch.setattr(lvae.engine, "graphed",  # the CPU plays the GPU
+        monkeypatch.setattr(lvae.training.loop, "graphed",  # the CPU plays the GPU
                             lambda cuda_graph, device, compile: bool(cuda_graph) and not compile)
-        monkeypatch.setattr(lvae.engine, "ThreadPoolExecutor", Executor)
-        monkeypatch.setattr(lvae.engine.Stepper, "_capture", bound_capture)
+        monkeypatch.setattr(lvae.training.loop, "ThreadPoolExecutor", Executor)
+        monkeypatch.setattr(lvae.training.loop.Stepper, "_capture", bound_capture)
         return self

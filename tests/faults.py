@@ -17,7 +17,7 @@ the lvae function (where it is defined and in every loaded ``lvae`` module that 
 or the method on its class.
 
 As a script, ``python tests/faults.py SPEC ROOT RUN_CONFIG_JSON EVAL_CONFIG_JSON EPOCHS`` installs
-SPEC (none when empty), then trains with :func:`lvae.engine.get_or_train` on one thread.
+SPEC (none when empty), then trains with :func:`lvae.training.loop.get_or_train` on one thread.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from lvae.config import EvalConfig, RunConfig
-from lvae.engine import get_or_train
+from lvae.training.loop import get_or_train
 
 KINDS = ("in", "after", "rename", "append")
 

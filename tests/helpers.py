@@ -2,7 +2,7 @@
 import torch
 
 from lvae.config import ModelConfig, TrainConfig
-from lvae.train import train_step
+from lvae.training.step import train_step
 
 
 def same(a, b) -> bool:
@@ -22,7 +22,7 @@ def small_config(inference="ladder", bn=True, **kw):
 
 
 def library_steps(model, opt, n=6, seed=0, cfg=TrainConfig()):
-    """The library's own step (lvae.train.train_step) on six fixed random batches of 16 binary images of 30 pixels."""
+    """The library's own step (lvae.training.step.train_step) on six fixed random batches of 16 binary images of 30 pixels."""
     g = torch.Generator().manual_seed(seed)
     gx = torch.Generator().manual_seed(seed + 1)
     for _ in range(n):

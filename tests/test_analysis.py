@@ -1,8 +1,9 @@
-"""Chapter helpers of lvae.analysis / lvae.book that pick or print the numbers the book shows."""
+"""Chapter helpers of lvae.report.analysis / lvae.book.chapter that pick or print the numbers the book shows."""
 import pytest
 
-from lvae.analysis import best_lk, registry_rows, short_device
-from lvae.book import BookError, glue
+from lvae.book.chapter import glue
+from lvae.book.plan import BookError
+from lvae.report.analysis import best_lk, registry_rows, short_device
 
 
 class FakeRun:
@@ -56,7 +57,7 @@ def test_glue_refuses_text_that_would_print_as_a_tuple():
 
 def test_registry_rows_mark_unfinished_runs(tmp_path):
     from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
-    from lvae.engine import get_or_train
+    from lvae.training.loop import get_or_train
 
     assert registry_rows(tmp_path) == []
     cfg = RunConfig(name="tiny", model=ModelConfig(x_dim=64, latent_sizes=(4, 2), hidden_sizes=(16, 8)),
@@ -78,8 +79,9 @@ import random  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from lvae import analysis, plots, stats  # noqa: E402
+from lvae.book import plots  # noqa: E402
 from lvae.config import EvalConfig  # noqa: E402
+from lvae.report import analysis, stats
 
 
 class SeedRun(FakeRun):
@@ -214,7 +216,7 @@ def test_active_units_have_one_source_for_the_chapters_and_the_claims():
     import inspect
     from pathlib import Path
 
-    from lvae import claims
+    from lvae.report import claims
 
     runs = {("vae", 2, s): SeedRun(-99.0, active=(3, 1)) for s in range(3)}
     counts = analysis.active_unit_counts(runs, ["vae"], 2)
@@ -261,9 +263,9 @@ never: {dataset: synthetic, subset: 64, epochs: 9, depths: [1], variants: [lvae_
 def test_budget_runs_read_finished_and_partial_runs_and_train_nothing(tmp_path, monkeypatch, one_thread):
     import matplotlib.pyplot as plt
 
-    from lvae.profile_runs import get_run
-    from lvae.profiles import experiment, load_profile
-    from lvae.engine import get_or_train
+    from lvae.registry.profiles import experiment, load_profile
+    from lvae.training.loop import get_or_train
+    from lvae.training.profile_runs import get_run
 
     (tmp_path / "profiles.yml").write_text(PROFILES)
     monkeypatch.setenv("LVAE_PROFILES", str(tmp_path / "profiles.yml"))
@@ -304,7 +306,7 @@ def _tiny(inference: str, latent=(3, 2)):
     """A small double-precision model; variances of at least 0.3 keep log-densities (and the Monte
     Carlo spread) moderate."""
     from lvae.config import ModelConfig
-    from lvae.models import build_model
+    from lvae.model.network import build_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(x_dim=6, latent_sizes=latent, hidden_sizes=(8, 6)[:len(latent)], inference=inference,
@@ -326,8 +328,8 @@ def _mc_kl(model, x, n: int = 200_000) -> tuple[list[torch.Tensor], list[torch.T
 
 
 def test_kl_per_unit_one_layer_is_the_closed_form():
-    from lvae.bounds import kl_per_unit
-    from lvae.gaussian import kl_standard_normal
+    from lvae.model.bounds import kl_per_unit
+    from lvae.model.gaussian import kl_standard_normal
 
     model, x = _tiny("bottom_up", latent=(3,))
     mu, var = model.upward(x)
@@ -339,8 +341,8 @@ def test_kl_per_unit_one_layer_is_the_closed_form():
 
 @pytest.mark.parametrize("inference", ["ladder", "bottom_up"])
 def test_kl_per_unit_averages_samples_towards_the_monte_carlo_value(inference):
-    from lvae.bounds import kl_per_unit
-    from lvae.gaussian import kl_standard_normal
+    from lvae.model.bounds import kl_per_unit
+    from lvae.model.gaussian import kl_standard_normal
 
     model, x = _tiny(inference)
     ref, se = _mc_kl(model, x)

@@ -1,4 +1,4 @@
-"""Moving runs between registries (lvae.archive, `lvae runs export` / `lvae runs import`): a round
+"""Moving runs between registries (lvae.registry.archive, `lvae runs export` / `lvae runs import`): a round
 trip keeps every number and the weights; every refusal names the fix and leaves the destination
 registry exactly as it was."""
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from lvae import cli
-from lvae.archive import MANIFEST, ArchiveError, export_runs, import_runs
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.engine import get_or_train
-from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run
-from lvae.storage import run_lock
+from lvae.registry.archive import MANIFEST, ArchiveError, export_runs, import_runs
+from lvae.registry.runs import CHECKPOINT, WEIGHTS_FP16, Run
+from lvae.registry.storage import run_lock
+from lvae.training.loop import get_or_train
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = "mnist-vae_bn_wu-5-c9cd6df346"  # a committed, complete run with fp16 weights, evals and per-image values

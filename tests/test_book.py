@@ -26,7 +26,9 @@ OUT = ROOT / "_build" / "test-book"
 jupytext = pytest.importorskip("jupytext", reason="the book extras are not installed (pip install -e .[book])")
 pytest.importorskip("papermill", reason="the book extras are not installed (pip install -e .[book])")
 
-from lvae import book, bookbuild  # noqa: E402
+from lvae.book import build as bookbuild  # noqa: E402
+from lvae.book import chapter as book  # noqa: E402
+from lvae.book import plan as book_plan  # noqa: E402
 
 
 def _lvae(*args: str, cwd: Path = ROOT, timeout: int = 1200) -> subprocess.CompletedProcess:
@@ -171,13 +173,13 @@ def test_chapter_installs_lvae_from_the_configured_repository(chapter):
     install, parameters, setup = [c for c in nb.cells if c.cell_type == "code"][:3]
     assert "import lvae" in install.source and f'REPO = "{url}"' in install.source
     # the book extra (ipywidgets, ...) everywhere, not only where lvae was missing
-    assert './lvae-repo[book]' in install.source and 'lvae.book.install_extra("book")' in install.source
+    assert './lvae-repo[book]' in install.source and 'lvae.book.chapter.install_extra("book")' in install.source
     assert "parameters" in parameters.metadata.get("tags", [])
     params = bookbuild.notebook_parameters(ROOT / "book" / f"{chapter}.md")
-    assert params["profile"] == "cpu" and set(params) - {"profile"} <= set(book.PARAMETERS)
+    assert params["profile"] == "cpu" and set(params) - {"profile"} <= set(book_plan.PARAMETERS)
     # the set-up is one library call, not a copy of its steps in every chapter
     code = [line for line in setup.source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    assert code == ["P = lvae.book.setup(globals())"], f"{chapter}: third cell {code}"
+    assert code == ["P = lvae.book.chapter.setup(globals())"], f"{chapter}: third cell {code}"
 
 
 # -- the runner's failure modes ------------------------------------------------------------------
@@ -195,7 +197,7 @@ def _mini_book(tmp_path: Path, body: str) -> Path:
 def test_failing_chapter_names_chapter_and_cell_and_never_reaches_html(tmp_path):
     root = _mini_book(tmp_path, "```{code-cell} ipython3\nx = 1\n```\n\n```{code-cell} ipython3\n"
                                 "raise ValueError('boom in the chapter')\n```\n")
-    with pytest.raises(book.BookError) as e:
+    with pytest.raises(book_plan.BookError) as e:
         bookbuild.build("smoke", root=root, out=tmp_path / "_build", log=lambda *a: None)
     msg = str(e.value)
     assert "'intro'" in msg and "cell" in msg and "ValueError" in msg and "boom in the chapter" in msg
@@ -220,17 +222,17 @@ def test_unknown_profile_and_parameter_are_refused_before_any_work(tmp_path):
 
 
 def test_resolve_profile_overrides():
-    p = book.resolve_profile("smoke", epochs=3, depths=[1], seed=2, iw_k=None)
+    p = book_plan.resolve_profile("smoke", epochs=3, depths=[1], seed=2, iw_k=None)
     assert (p.epochs, p.depths, p.seeds, p.iw_k) == (3, (1,), (2,), 50)
     with pytest.raises(Exception, match="unknown chapter parameter"):
-        book.resolve_profile("smoke", lr=1)
+        book_plan.resolve_profile("smoke", lr=1)
 
 
 # -- chapter parameters: papermill's way, one-line errors ----------------------------------------
 @pytest.mark.parametrize("value, depths", [("[1]", (1,)), ("[1, 2]", (1, 2)), ("2", (2,)), ([1, 2], (1, 2)), (3, (3,))])
 def test_papermill_parameters_are_read_as_yaml(value, depths):
     """`papermill -p depths "[1]"` passes the string "[1]"; `-y "depths: [1]"` the list."""
-    p = book.resolve_profile("smoke", depths=value, epochs="3", seed="2", test_subset="null")
+    p = book_plan.resolve_profile("smoke", depths=value, epochs="3", seed="2", test_subset="null")
     assert (p.depths, p.epochs, p.seeds, p.test_subset) == (depths, 3, (2,), 500)
 
 
@@ -240,7 +242,7 @@ def test_papermill_parameters_are_read_as_yaml(value, depths):
     ("seed", -1, "-p seed 1"), ("dataset", "cifar", "-p dataset mnist"), ("iw_k", True, "-p iw_k 50"),
 ])
 def test_bad_parameter_is_one_line_naming_it(name, value, example):
-    with pytest.raises(book.ParameterError) as e:
+    with pytest.raises(book_plan.ParameterError) as e:
         book.setup({"profile": "smoke", name: value})
     msg = str(e.value)
     assert "\n" not in msg and f"papermill parameter {name}={value!r}" in msg and example in msg, msg
@@ -248,7 +250,7 @@ def test_bad_parameter_is_one_line_naming_it(name, value, example):
 
 
 def test_bad_profile_is_one_line():
-    with pytest.raises(book.ParameterError, match=r"profile='nope' .*smoke.*e\.g\. -p profile smoke"):
+    with pytest.raises(book_plan.ParameterError, match=r"profile='nope' .*smoke.*e\.g\. -p profile smoke"):
         book.setup({"profile": "nope"})
 
 
@@ -263,7 +265,7 @@ def test_lvae_book_names_the_parameter_in_its_own_syntax(tmp_path):
 
 # -- which registry a chapter reads --------------------------------------------------------------
 def test_repository_is_found_from_a_source_checkout():
-    assert book.repository() == ROOT
+    assert book_plan.repository() == ROOT
 
 
 def _fake_repository(tmp_path: Path, runs: list[str]) -> Path:
@@ -285,22 +287,22 @@ def test_registry_rule(tmp_path, monkeypatch):
     """All runs committed -> the committed registry; otherwise a scratch registry with the reusable
     committed runs copied in and the rest announced (epochs, time) before anything trains;
     $LVAE_RESULTS set by the user wins, and the value setup() itself set does not count as the user's."""
-    from lvae.runs import RESULTS_ENV
+    from lvae.registry.runs import RESULTS_ENV
 
     monkeypatch.delenv(RESULTS_ENV, raising=False)
-    monkeypatch.setattr(book, "_registry_set_by_setup", None)
-    P = book.resolve_profile("cpu", depths=[1])
-    names = [c.dir_name for c in book.profile_configs(P)]
+    monkeypatch.setattr(book_plan, "_registry_set_by_setup", None)
+    P = book_plan.resolve_profile("cpu", depths=[1])
+    names = [c.dir_name for c in book_plan.profile_configs(P)]
     assert len(names) == len(P.variants) and all("-1-" in n for n in names)
     repo = _fake_repository(tmp_path, names)
-    monkeypatch.setattr(book, "repository", lambda: repo)
-    plan = book.plan_registry(P)
+    monkeypatch.setattr(book_plan, "repository", lambda: repo)
+    plan = book_plan.plan_registry(P)
     assert (plan.path, plan.source, plan.reuse, plan.train) == (repo / "results", "committed", (), ())
     assert "nothing to train" in plan.describe()
 
     # another profile, or parameters that change the runs: never results/
-    P2 = book.resolve_profile("cpu", depths=[1, 2])
-    plan = book.plan_registry(P2)
+    P2 = book_plan.resolve_profile("cpu", depths=[1, 2])
+    plan = book_plan.plan_registry(P2)
     assert plan.source == "scratch" and plan.path == repo / "_build" / "cpu-results"
     assert sorted(p.name for p in plan.reuse) == sorted(names)
     trained = [name for name, *_ in plan.train]
@@ -312,14 +314,14 @@ def test_registry_rule(tmp_path, monkeypatch):
     copied = repo / "_build" / "cpu-results" / names[0]
     assert (copied / "metrics.jsonl").exists() and not (copied / "checkpoint.pt").exists()
     assert sorted(p.name for p in (repo / "results").iterdir()) == sorted(names)  # results/ untouched
-    again = book.plan_registry(P2)  # setup's own $LVAE_RESULTS is not a user's choice: same rule, nothing to copy
+    again = book_plan.plan_registry(P2)  # setup's own $LVAE_RESULTS is not a user's choice: same rule, nothing to copy
     assert (again.source, again.reuse, [t[0] for t in again.train]) == ("scratch", (), trained)
-    assert book.plan_registry(P).source == "committed"
+    assert book_plan.plan_registry(P).source == "committed"
 
     # more epochs than the committed runs have: trained in scratch, the time scaled from the committed runs
-    plan = book.plan_registry(book.resolve_profile("cpu", depths=[1], epochs=20))
+    plan = book_plan.plan_registry(book_plan.resolve_profile("cpu", depths=[1], epochs=20))
     assert plan.source == "scratch" and plan.reuse == () and len(plan.train) == len(names)
-    from lvae.runs import Run
+    from lvae.registry.runs import Run
 
     for name, epochs, seconds, device in plan.train:
         wall = Run(repo / "results" / name).provenance["wall_seconds"]  # 10 epochs, one IW-5000 evaluation
@@ -327,26 +329,26 @@ def test_registry_rule(tmp_path, monkeypatch):
     assert "about" in plan.describe() and " min in all at the speed of the committed runs (cpu" in plan.describe()
 
     monkeypatch.setenv(RESULTS_ENV, str(tmp_path / "mine"))  # the user asked for this registry
-    plan = book.plan_registry(P)
+    plan = book_plan.plan_registry(P)
     assert (plan.path, plan.source, len(plan.train)) == (tmp_path / "mine", "env", len(names))
 
 
 def test_registry_without_a_repository_is_a_scratch_one(monkeypatch):
-    from lvae.runs import RESULTS_ENV
+    from lvae.registry.runs import RESULTS_ENV
 
     monkeypatch.delenv(RESULTS_ENV, raising=False)
-    monkeypatch.setattr(book, "_registry_set_by_setup", None)
-    monkeypatch.setattr(book, "repository", lambda: None)
-    plan = book.plan_registry(book.resolve_profile("smoke"))
+    monkeypatch.setattr(book_plan, "_registry_set_by_setup", None)
+    monkeypatch.setattr(book_plan, "repository", lambda: None)
+    plan = book_plan.plan_registry(book_plan.resolve_profile("smoke"))
     assert plan.source == "scratch" and plan.path.name == "smoke-results" and "not installed from a clone" in plan.why
     assert "no committed run" in plan.describe()
 
 
 def test_setup_gives_the_chapter_its_names(monkeypatch):
-    from lvae.runs import RESULTS_ENV
+    from lvae.registry.runs import RESULTS_ENV
 
     monkeypatch.delenv(RESULTS_ENV, raising=False)
-    monkeypatch.setattr(book, "_registry_set_by_setup", None)
+    monkeypatch.setattr(book_plan, "_registry_set_by_setup", None)
     ns = {"profile": "cpu", "depths": "[1]", "epochs": None}
     P = book.setup(ns)
     assert P.depths == (1,) and os.environ[RESULTS_ENV] == str(ROOT / "results")
@@ -354,8 +356,8 @@ def test_setup_gives_the_chapter_its_names(monkeypatch):
 
 
 def test_registry_table_lists_only_the_runs_given():
-    from lvae.analysis import registry_rows
-    from lvae.runs import Run
+    from lvae.registry.runs import Run
+    from lvae.report.analysis import registry_rows
 
     run = Run(ROOT / "results" / "mnist-vae-1-21e2840653")
     assert [r["run"] for r in registry_rows(runs=[run])] == [run.name]
@@ -383,7 +385,7 @@ def test_missing_npm_is_reported_before_any_chapter_runs(tmp_path, monkeypatch):
         raise AssertionError("a chapter ran before the npm check")
 
     monkeypatch.setattr(bookbuild, "execute_chapter", executed)
-    with pytest.raises(book.BookError, match=r"needs npm .*install Node\.js"):
+    with pytest.raises(book_plan.BookError, match=r"needs npm .*install Node\.js"):
         bookbuild.build("smoke", root=root, out=tmp_path / "_build", log=lambda *a: None)
 
 
@@ -444,7 +446,7 @@ def _papermill(notebook: Path, out: Path, cwd: Path, pythonpath: Path, *params: 
 def _setup_output(executed: Path) -> str:
     nb = json.loads(executed.read_text())
     for cell in nb["cells"]:
-        if cell["cell_type"] == "code" and "lvae.book.setup(globals())" in "".join(cell["source"]):
+        if cell["cell_type"] == "code" and "lvae.book.chapter.setup(globals())" in "".join(cell["source"]):
             return "".join("".join(o.get("text", "")) for o in cell.get("outputs", []))
     raise AssertionError("no set-up cell")
 
@@ -458,7 +460,7 @@ def test_chapter_from_a_plain_install_in_another_folder_reads_the_committed_runs
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                           "--no-index", "--target", str(site), str(repo_copy)], capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr
-    assert not (site / "lvae" / "pyproject.toml").exists() and (site / "lvae" / "book.py").exists()
+    assert not (site / "lvae" / "pyproject.toml").exists() and (site / "lvae" / "book" / "chapter.py").exists()
     before = _listing(repo_copy / "results")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -493,12 +495,12 @@ def _bibliography_labels(page: str) -> list[str]:
 
 
 def test_bibliography_style_labels_are_author_year():
-    """lvae.bibstyle labels every entry of book/references.bib "Last et al., year" (not pybtex's
+    """lvae.book.bibstyle labels every entry of book/references.bib "Last et al., year" (not pybtex's
     alpha labels such as "SonderbyRMaaloe+16"), and the labels are unique."""
     from pybtex.database import parse_file
     from pybtex.plugin import find_plugin
 
-    from lvae import bibstyle
+    from lvae.book import bibstyle
 
     bibstyle.register()
     style = find_plugin("pybtex.style.formatting", bibstyle.NAME)()
@@ -511,7 +513,7 @@ def test_bibliography_style_labels_are_author_year():
         assert re.fullmatch(r"[^\W\d_][^,]*, \d{4}[a-z]?", label), label
     cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
     assert cfg["sphinx"]["config"]["bibtex_default_style"] == bibstyle.NAME
-    assert "lvae.bibstyle" in cfg["sphinx"]["extra_extensions"]
+    assert "lvae.book.bibstyle" in cfg["sphinx"]["extra_extensions"]
 
 
 def test_bibliography_renders_author_year_labels(smoke_book):
@@ -525,8 +527,8 @@ def test_bibliography_renders_author_year_labels(smoke_book):
 def test_samples_page_names_the_models_that_made_it(smoke_book):
     """Every figure of the samples page is glued to the model that made it: variant, depth, seed,
     epochs and registry run, read from the run, and the budget."""
-    from lvae.plots import label
-    from lvae.profiles import load_profile
+    from lvae.book.plots import label
+    from lvae.registry.profiles import load_profile
 
     P = load_profile("smoke")
     _, text = _parse(smoke_book / "html" / "samples.html")
@@ -539,7 +541,7 @@ def test_samples_page_names_the_models_that_made_it(smoke_book):
 
 
 def test_table_marks_phrases_and_keeps_values_whole():
-    """lvae.book.Table marks a cell with a line longer than 14 characters as a phrase (it may wrap);
+    """lvae.book.chapter.Table marks a cell with a line longer than 14 characters as a phrase (it may wrap);
     values such as "not run" are unmarked, and lvae.css keeps those on one line."""
     html = book.table([{"model": "VAE+BN+WU 3-layer (best VAE)", "ours": "not run", "L": ("-85.23", "L50 (100 images)"),
                         "latent": "64-32-16-8-4", "n": 3.0}])._repr_html_()

@@ -18,7 +18,6 @@ import shutil
 import threading
 
 import pytest
-
 from test_book import ROOT, smoke_book  # noqa: F401  (shared, built once per session)
 
 CHROMIUM = os.environ.get("LVAE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -82,7 +81,7 @@ def _load_all_images(page) -> None:
 
 
 def test_every_page_renders_without_errors(server, browser, smoke_book):
-    from lvae.bookbuild import toc_chapters
+    from lvae.book.build import toc_chapters
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     failures = []
@@ -154,7 +153,7 @@ PHONE = 390  # CSS px, a phone held upright
 
 
 def _chapters():
-    from lvae.bookbuild import toc_chapters
+    from lvae.book.build import toc_chapters
 
     return toc_chapters()
 
@@ -205,13 +204,13 @@ def test_table_values_stay_on_one_line(server, browser):
 
 def _panel_geometry():
     """(smallest font in points, width of one traversal digit in inches, figure width in inches)
-    of an explorer panel as lvae.plots draws it (dummy data, same layout)."""
+    of an explorer panel as lvae.book.plots draws it (dummy data, same layout)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import numpy as np
 
-    from lvae import plots
+    from lvae.book import plots
 
     steps = 9
     fig = plots.unit_panel(np.arange(1, 11), np.linspace(1, 0.1, 10), np.linspace(-2, 2, 500),

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from helpers import small_config
 
 import lvae
-from lvae.bounds import _log_weights, iw_bound, training_bound
-from lvae.layers import Dense
-from helpers import small_config
+from lvae.model.bounds import _log_weights, iw_bound, training_bound
+from lvae.model.layers import Dense
 
 
 def _linear_gaussian(inference: str, seed: int = 2):
@@ -235,7 +235,7 @@ def test_iw_fast_path_matches_generic_path(inference, bn, likelihood):
 def test_threaded_iw_equals_sequential(inference):
     """iw_bound_batched with worker threads draws the same noise in the same order and computes each
     batch with the same code: the numbers of one batch after another on one generator, to rounding."""
-    from lvae.bounds import iw_bound_batched
+    from lvae.model.bounds import iw_bound_batched
 
     torch.manual_seed(0)
     model = lvae.build_model(small_config(inference)).eval()

@@ -17,19 +17,18 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import pytest
 import torch
+from helpers import same
 
 import lvae
 from lvae import cli
-from lvae.bookbuild import BookError, execute_chapter, parse_params
+from lvae.book.build import BookError, execute_chapter, parse_params
 from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.engine import get_or_train
-from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run, list_runs
-from lvae.storage import DiskFullError, RunError
-
-import faults
-from helpers import same
+from lvae.registry.runs import CHECKPOINT, WEIGHTS_FP16, Run, list_runs
+from lvae.registry.storage import DiskFullError, RunError
+from lvae.training.loop import get_or_train
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = RunConfig("brk", ModelConfig(x_dim=64, latent_sizes=(4, 2), hidden_sizes=(16, 8)),
@@ -114,9 +113,9 @@ def test_a_complete_run_with_stale_fp16_weights_is_repaired_from_its_checkpoint(
     stale.pop("digest")
     stale["epoch"] = 2
     stale["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in stale["model"].items()}
-    torch.save(lvae.runs._with_digest(stale), run_dir / WEIGHTS_FP16)
+    torch.save(lvae.registry.runs._with_digest(stale), run_dir / WEIGHTS_FP16)
     with pytest.raises(RunError, match=f"{WEIGHTS_FP16} holds the weights of epoch 2, not those of its last epoch 3"):
-        lvae.archive.export_runs([run_dir], tmp_path / "runs.tar")
+        lvae.registry.archive.export_runs([run_dir], tmp_path / "runs.tar")
     run = train(tmp_path)
     assert run.status == "complete" and run.epochs == 3
     assert same(torch.load(run.path / WEIGHTS_FP16, weights_only=True), torch.load(trained / WEIGHTS_FP16,
@@ -288,8 +287,8 @@ def test_a_bad_init_from_in_python_leaves_no_run_folder(tmp_path, one_thread):
     import dataclasses
 
     from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
-    from lvae.engine import get_or_train
-    from lvae.storage import RunError
+    from lvae.registry.storage import RunError
+    from lvae.training.loop import get_or_train
 
     cfg = RunConfig("child", ModelConfig(x_dim=64, latent_sizes=(4,), hidden_sizes=(8,)),
                     TrainConfig(dataset="synthetic", subset=64, batch_size=32, warmup_epochs=1))
@@ -327,7 +326,7 @@ def test_export_to_an_empty_name_book_with_a_torn_parameter_and_a_dangling_out_a
     code, err = cli_exit(["runs", "export", trained.name, "--out", str(registry), "-o", ""], capsys)
     assert code == 2 and "-o is empty" in err, err
     with pytest.raises(RunError, match="archive name is empty"):
-        lvae.archive.export_runs([trained.name], "", root=registry)
+        lvae.registry.archive.export_runs([trained.name], "", root=registry)
     code, err = cli_exit(["book", "-p", "depths=[1,"], capsys)
     assert code == 2 and "parameter 'depths=[1,': '[1,' is not a YAML value" in err, err
     with pytest.raises(BookError, match="e.g. -p depths=\\[1,2\\]"):

@@ -7,10 +7,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
-from lvae import analysis, claims, paper, plots
-from lvae.engine import get_or_train
-from lvae.profile_runs import get_run
-from lvae.profiles import experiment, load_profile
+from lvae.book import plots
+from lvae.registry.profiles import experiment, load_profile
+from lvae.report import analysis, claims, paper
+from lvae.training.loop import get_or_train
+from lvae.training.profile_runs import get_run
 
 PROFILES = """\
 tiny: {dataset: synthetic, subset: 64, epochs: 3, warmup_epochs: 1, depths: [1], variants: [lvae_bn_wu, vae_bn_wu],
@@ -22,7 +23,7 @@ paper: {epochs: 2000, warmup_epochs: 200, depths: [5], variants: [lvae_bn_wu]}  
 @pytest.fixture
 def milestone_registry(tmp_path, monkeypatch, one_thread):
     """Profile ``tiny`` (milestones 2 and 3): seed 0 of both models trained to 3 epochs in two calls (as
-    lvae.campaign does), seed 1 of the LVAE to 2 epochs only, seed 1 of the VAE never."""
+    lvae.training.campaign does), seed 1 of the LVAE to 2 epochs only, seed 1 of the VAE never."""
     (tmp_path / "profiles.yml").write_text(PROFILES)
     monkeypatch.setenv("LVAE_PROFILES", str(tmp_path / "profiles.yml"))
     root = tmp_path / "results"

@@ -1,4 +1,4 @@
-"""The long runs (lvae.campaign): the plan, a worker's stages, milestones, resume across stages, the
+"""The long runs (lvae.training.campaign): the plan, a worker's stages, milestones, resume across stages, the
 paper profile finding the campaign's runs, a longer run replacing its committed prefix on import,
 and the numbers of the step the runs in flight use, pinned."""
 from __future__ import annotations
@@ -11,19 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from lvae import campaign
-from lvae.archive import ArchiveError, export_runs, import_runs
-from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.engine import SingleModel, get_or_train
-from lvae.models import build_model, draw_noise
-from lvae.profile_runs import find_run, get_run
-from lvae.profiles import experiment, load_profile
-from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run, load_checkpoint
-from lvae.storage import cpu_model, run_lock
-from lvae.train import make_optimizer
-
 from helpers import same
+
+from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
+from lvae.model.network import build_model, draw_noise
+from lvae.registry.archive import ArchiveError, export_runs, import_runs
+from lvae.registry.profiles import experiment, load_profile
+from lvae.registry.runs import CHECKPOINT, WEIGHTS_FP16, Run, load_checkpoint
+from lvae.registry.storage import cpu_model, run_lock
+from lvae.training import campaign
+from lvae.training.loop import SingleModel, get_or_train
+from lvae.training.profile_runs import find_run, get_run
+from lvae.training.step import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PINS = Path(__file__).parent / "data" / "pinned_steps.json"

@@ -1,4 +1,4 @@
-"""The verdict rule of lvae.claims, and claims evaluated on a fake registry written with the registry's own
+"""The verdict rule of lvae.report.claims, and claims evaluated on a fake registry written with the registry's own
 functions: change a number in a run and the verdict changes; one seed, missing and failed runs."""
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from lvae import claims, paper
-from lvae.claims import (NOT_REPRODUCED, NOT_RUN, QUALITATIVE, REPRODUCED, UNRESOLVED, VERDICTS, Claim, Registry,
-                         Criterion, combine, decide, evaluate, evaluate_claim)
-from lvae.experiments import FIG3_VARIANTS
-from lvae.profiles import experiment, load_profile
-from lvae.runs import FORMAT_VERSION, results_dir, save_per_image
-from lvae.storage import append_jsonl, atomic_write_json
-from lvae.stats import Estimate
+from lvae.registry.experiments import FIG3_VARIANTS
+from lvae.registry.profiles import experiment, load_profile
+from lvae.registry.runs import FORMAT_VERSION, results_dir, save_per_image
+from lvae.registry.storage import append_jsonl, atomic_write_json
+from lvae.report import claims, paper
+from lvae.report.claims import (NOT_REPRODUCED, NOT_RUN, QUALITATIVE, REPRODUCED, UNRESOLVED, VERDICTS, Claim,
+                                Criterion, Registry, combine, decide, evaluate, evaluate_claim)
+from lvae.report.stats import Estimate
 
 N_IMAGES = 200
 SIZES = (64, 32, 16, 8, 4)
@@ -408,7 +408,7 @@ def test_prose_follows_the_verdicts():
     that cpu-long has "not run"; the reproduce chapter names every profile; Table 2 is not called L5000."""
     from pathlib import Path
 
-    from lvae.profiles import available
+    from lvae.registry.profiles import available
 
     book = Path(__file__).resolve().parents[1] / "book"
     warmup = (book / "warmup.md").read_text()

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from lvae import cli, commands
-from lvae import datasets
+from lvae import cli
 from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.profiles import experiment, load_profile
-from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run
-from lvae.storage import RunError, run_lock
+from lvae.data import datasets
+from lvae.registry import commands
+from lvae.registry.profiles import experiment, load_profile
+from lvae.registry.runs import CHECKPOINT, WEIGHTS_FP16, Run
+from lvae.registry.storage import RunError, run_lock
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--dataset", "synthetic", "--subset", "64", "--batch-size", "32", "--latent-sizes", "4,2",

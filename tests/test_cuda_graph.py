@@ -1,4 +1,4 @@
-"""The engine's CUDA-graph path (lvae.engine): on the CPU through the stand-in of tests/cuda_standin.py, where
+"""The engine's CUDA-graph path (lvae.training.loop): on the CPU through the stand-in of tests/cuda_standin.py, where
 the whole capture flow -- warm-up undone, replays, a partial last batch, resume, a recapture after a rebuild,
 bf16 -- gives bitwise the numbers of the same steps run eagerly; on a GPU (the tests marked ``cuda``) for real.
 
@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import lvae.engine
-import lvae.train
 from cuda_standin import CaptureError, CudaStandin
+
+import lvae.training.loop
+import lvae.training.step
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.datasets import load_dataset
-from lvae.engine import GridTrainer, SingleModel, epoch_inputs, get_or_train
-from lvae.grid import train_grid
-from lvae.models import build_model, draw_noise
-from lvae.runs import CHECKPOINT, Run
-from lvae.train import NonFiniteLossError, make_optimizer
+from lvae.data.datasets import load_dataset
+from lvae.model.network import build_model, draw_noise
+from lvae.registry.runs import CHECKPOINT, Run
+from lvae.training.grid import train_grid
+from lvae.training.loop import GridTrainer, SingleModel, epoch_inputs, get_or_train
+from lvae.training.step import NonFiniteLossError, make_optimizer
 
 EVAL = EvalConfig(every=1, iw_k=4, iw_chunk=4, test_subset=32, train_subset=32)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -48,14 +48,14 @@ def standin(monkeypatch):
 
 @pytest.fixture
 def fast_bf16(monkeypatch):
-    monkeypatch.setitem(lvae.train._BF16_FAST, "cpu", (True, "the stand-in's bf16 is taken as fast"))
+    monkeypatch.setitem(lvae.training.step._BF16_FAST, "cpu", (True, "the stand-in's bf16 is taken as fast"))
 
 
 def _all_eager(monkeypatch):
     """The eager reference: the stand-in's steppers and capturable optimizers, every step eager."""
-    monkeypatch.setattr(lvae.engine.Stepper, "step", lambda self, x, eps: self.eager_step(x, eps))
-    monkeypatch.setattr(lvae.engine.Stepper, "prepare", lambda self, x, eps: None, raising=False)
-    monkeypatch.setattr(lvae.engine.Stepper, "_capture", lambda self, x, eps: pytest.fail("captured"))
+    monkeypatch.setattr(lvae.training.loop.Stepper, "step", lambda self, x, eps: self.eager_step(x, eps))
+    monkeypatch.setattr(lvae.training.loop.Stepper, "prepare", lambda self, x, eps: None, raising=False)
+    monkeypatch.setattr(lvae.training.loop.Stepper, "_capture", lambda self, x, eps: pytest.fail("captured"))
 
 
 def _weights(run: Run) -> dict:
@@ -149,7 +149,7 @@ def test_the_standin_refuses_a_replay_after_the_optimizer_state_was_replaced(sta
 
 
 def test_the_standin_refuses_work_of_another_thread_during_a_capture(standin):
-    pool = lvae.engine.ThreadPoolExecutor(max_workers=1)
+    pool = lvae.training.loop.ThreadPoolExecutor(max_workers=1)
     try:
         job = pool.submit(torch.ones, 3)
         with pytest.raises(CaptureError, match="may run CUDA work during the capture"):
@@ -192,13 +192,13 @@ def test_the_next_epochs_inputs_are_prepared_after_the_capture(tmp_path, data, s
 # -- fix 3: a rebuilt grid trains its survivors in training mode ---------------------------------------------------
 def _spoil(monkeypatch, seed: int, epoch: int) -> None:
     """The evaluation of member ``seed`` after ``epoch`` epochs is not sane (a NaN): it fails, the others go on."""
-    real = lvae.engine.evaluate
+    real = lvae.training.loop.evaluate
 
     def spoiled(model, d, tcfg, ecfg, e, *args, **kwargs):
         out = real(model, d, tcfg, ecfg, e, *args, **kwargs)
         return {**out, "test_L1": float("nan")} if tcfg.seed == seed and e + 1 == epoch else out
 
-    monkeypatch.setattr(lvae.engine, "evaluate", spoiled)
+    monkeypatch.setattr(lvae.training.loop, "evaluate", spoiled)
 
 
 def test_a_grid_rebuilt_after_a_failure_trains_its_survivors_with_batch_norm_in_training_mode(tmp_path, data,
@@ -208,14 +208,14 @@ def test_a_grid_rebuilt_after_a_failure_trains_its_survivors_with_batch_norm_in_
     models' numbers up to rounding (tests/test_grid.py's tolerances)."""
     cfgs = [_cfg(f"m{s}", seed=s) for s in range(3)]
     modes = []
-    run_epoch = lvae.engine.run_epoch
+    run_epoch = lvae.training.loop.run_epoch
 
     def recording(stepper, inputs, progress=None):
         if isinstance(stepper, GridTrainer):
             modes.append((len(stepper.models), all(m.training for m in stepper.objective.modules())))
         return run_epoch(stepper, inputs, progress)
 
-    monkeypatch.setattr(lvae.engine, "run_epoch", recording)
+    monkeypatch.setattr(lvae.training.loop, "run_epoch", recording)
     _spoil(monkeypatch, seed=1, epoch=1)
     with pytest.raises(NonFiniteLossError, match="^m1: the evaluation of epoch 1 is not sane"):
         train_grid(cfgs, 3, EVAL, root=tmp_path / "grid", device="cpu", progress=False, data=data)
@@ -339,7 +339,7 @@ def test_cuda_graph_replays_follow_the_eager_steps(stack, precision):
     batches = [(x.cuda(), [e.cuda() for e in eps]) for x, eps in _inputs(cfgs[0], stack, 6)]
     captured.prepare(*batches[0])
     data = load_dataset("synthetic", subset=4096, test_subset=32)
-    with lvae.engine.ThreadPoolExecutor(max_workers=1) as pool:
+    with lvae.training.loop.ThreadPoolExecutor(max_workers=1) as pool:
         nxt = pool.submit(epoch_inputs, data, 1, cfgs, torch.device("cuda"))
         la = torch.stack([captured.step(x, eps) for x, eps in batches])
         lb = torch.stack([eager.step(x, eps) for x, eps in batches])

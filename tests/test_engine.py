@@ -1,4 +1,4 @@
-"""The training engine (lvae.engine): one loop for a stack of M >= 1 runs. A run trained by it is
+"""The training engine (lvae.training.loop): one loop for a stack of M >= 1 runs. A run trained by it is
 bitwise the plain step-by-step loop on the CPU; the capture-ready step (static inputs refilled in
 place, a step undone after a CUDA-graph warm-up) changes no number; an epoch's inputs do not depend
 on how runs are grouped; a diverging member of a stack fails alone."""
@@ -9,17 +9,17 @@ import json
 import pytest
 import torch
 
-import lvae.engine
-from lvae import data as batching
+import lvae.training.loop
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.datasets import load_dataset
-from lvae.engine import GridTrainer, SingleModel, epoch_inputs, get_or_train, run_epoch
-from lvae.grid import train_grid
-from lvae.checkpoint_format import upgrade_state_dict
-from lvae.models import build_model, draw_noise
-from lvae.runs import CHECKPOINT, Run
-from lvae.train import NonFiniteLossError, generator, learning_rate, make_optimizer, train_step
-from lvae.warmup import warmup_beta
+from lvae.data import batches as batching
+from lvae.data.datasets import load_dataset
+from lvae.model.checkpoint_format import upgrade_state_dict
+from lvae.model.network import build_model, draw_noise
+from lvae.model.warmup import warmup_beta
+from lvae.registry.runs import CHECKPOINT, Run
+from lvae.training.grid import train_grid
+from lvae.training.loop import GridTrainer, SingleModel, epoch_inputs, get_or_train, run_epoch
+from lvae.training.step import NonFiniteLossError, generator, learning_rate, make_optimizer, train_step
 
 EVAL = EvalConfig(every=10, iw_k=4, iw_chunk=4, test_subset=32, train_subset=32)
 
@@ -44,7 +44,7 @@ def one_thread():
 
 
 def _plain_loop(cfg: RunConfig, data, epochs: int) -> dict[str, torch.Tensor]:
-    """The single-run trainer written out: lvae.train.train_step over each epoch's batches, the
+    """The single-run trainer written out: lvae.training.step.train_step over each epoch's batches, the
     noise drawn from the run's own generator as the step asks for it."""
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
@@ -167,13 +167,13 @@ def test_a_diverging_member_of_a_stack_fails_alone(tmp_path, data, monkeypatch):
     """One of two stacked runs gets an insane evaluation: it is rolled back and marked failed, the
     other completes; the failure is raised, naming the run, once the stack is done."""
     cfgs = [_cfg("ok", seed=0), _cfg("bad", seed=1)]
-    real = lvae.engine.evaluate
+    real = lvae.training.loop.evaluate
 
     def spoiled(model, d, tcfg, ecfg, epoch, *args, **kwargs):
         out = real(model, d, tcfg, ecfg, epoch, *args, **kwargs)
         return {**out, "test_L1": float("nan")} if tcfg.seed == 1 and epoch + 1 == 2 else out
 
-    monkeypatch.setattr(lvae.engine, "evaluate", spoiled)
+    monkeypatch.setattr(lvae.training.loop, "evaluate", spoiled)
     ecfg = EvalConfig(every=1, iw_k=4, iw_chunk=4, test_subset=32, train_subset=32)
     with pytest.raises(NonFiniteLossError, match=r"^bad: the evaluation of epoch 2 is not sane.*keeps its checkpoint "
                                                  r"of epoch 1"):
@@ -183,4 +183,4 @@ def test_a_diverging_member_of_a_stack_fails_alone(tmp_path, data, monkeypatch):
     assert bad.status == "failed" and bad.epochs == 1 and [r["epoch"] for r in bad.metrics()] == [1]
     assert torch.load(bad.path / CHECKPOINT, weights_only=True)["epoch"] == 1
     prov = json.loads((ok.path / "provenance.json").read_text())
-    assert prov["trainer"] == "lvae.grid (2 stacked)" and "error" not in prov
+    assert prov["trainer"] == "lvae.training.grid (2 stacked)" and "error" not in prov

@@ -1,4 +1,4 @@
-"""A grid spread over jobs (lvae.executors): one submitit job per group, each writing into one
+"""A grid spread over jobs (lvae.training.executors): one submitit job per group, each writing into one
 registry, gives exactly the runs of the in-process grid. The jobs run as real subprocesses through
 submitit's local executor; the slurm path is checked up to the sbatch script it would submit."""
 from __future__ import annotations
@@ -9,15 +9,16 @@ import sys
 
 import pytest
 import torch
+from helpers import same
 
 from lvae import cli
 from lvae.config import ConfigError, EvalConfig
-from lvae.executors import GridJobError, JobOptions, make_executor, require_submitit, submit_grid, train_grid_on
-from lvae.experiments import grid
-from lvae.grid import group_configs, train_grid
-from lvae.runs import CHECKPOINT
-from lvae.storage import run_lock
-from helpers import same
+from lvae.registry.experiments import grid
+from lvae.registry.runs import CHECKPOINT
+from lvae.registry.storage import run_lock
+from lvae.training.executors import (GridJobError, JobOptions, make_executor, require_submitit, submit_grid,
+                                     train_grid_on)
+from lvae.training.grid import group_configs, train_grid
 
 needs_submitit = pytest.mark.skipif(importlib.util.find_spec("submitit") is None,
                                     reason="submitit is not installed (the cluster extra: pip install -e '.[cluster]')")

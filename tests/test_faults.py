@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import same
 
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.engine import get_or_train
-from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run
-
-from helpers import same
+from lvae.registry.runs import CHECKPOINT, WEIGHTS_FP16, Run
+from lvae.training.loop import get_or_train
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING = {"epoch_seconds", "iw_seconds"}  # wall-clock fields: the only ones allowed to differ
@@ -180,7 +179,7 @@ def test_kill_the_resuming_process_too(reference, tmp_path, one_thread):
 APPENDER = """
 import sys, time
 from pathlib import Path
-from lvae.storage import append_jsonl
+from lvae.registry.storage import append_jsonl
 path, writer, go = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 (go.parent / f"ready-{writer}").touch()
 while not go.exists():  # start together

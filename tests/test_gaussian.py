@@ -1,4 +1,4 @@
-"""lvae.gaussian against closed forms, torch.distributions and Monte Carlo: the log-densities, the
+"""lvae.model.gaussian against closed forms, torch.distributions and Monte Carlo: the log-densities, the
 analytic KL, the precision-weighted merge (eqs 17-18), the reparameterised sample and the Normal /
 StandardNormal objects the models' layers are judged by."""
 import math
@@ -9,8 +9,9 @@ from torch.distributions import Bernoulli
 from torch.distributions import Normal as TorchNormal
 from torch.distributions import kl_divergence
 
-from lvae.gaussian import (LOG_2PI, STANDARD_NORMAL, Normal, NoiseReplay, kl_normal, kl_standard_normal,
-                           log_bernoulli_logits, log_normal, log_standard_normal, precision_weighted, sample_normal)
+from lvae.model.gaussian import (LOG_2PI, STANDARD_NORMAL, NoiseReplay, Normal, kl_normal, kl_standard_normal,
+                                 log_bernoulli_logits, log_normal, log_standard_normal, precision_weighted,
+                                 sample_normal)
 
 
 def _gaussians(n=7, seed=0, dtype=torch.float64):

@@ -1,14 +1,14 @@
-"""The grid trainer (lvae.grid) reproduces the single-model trainer: same seeds, same numbers."""
+"""The grid trainer (lvae.training.grid) reproduces the single-model trainer: same seeds, same numbers."""
 import json
 
 import pytest
 import torch
 
-from lvae import datasets
 from lvae.config import EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.grid import group_configs, train_grid
-from lvae.models import noise_shapes
-from lvae.engine import get_or_train
+from lvae.data import datasets
+from lvae.model.network import noise_shapes
+from lvae.training.grid import group_configs, train_grid
+from lvae.training.loop import get_or_train
 
 EVAL = EvalConfig(every=1, iw_k=20, iw_chunk=7, test_subset=60, train_subset=80)
 
@@ -133,7 +133,7 @@ def test_a_group_of_one_is_bitwise_the_single_run(tmp_path, data):
 
 def test_a_profile_names_its_trainer(tmp_path, monkeypatch):
     from lvae.config import ConfigError
-    from lvae.profiles import PROFILE_FILE_ENV, load_profile
+    from lvae.registry.profiles import PROFILE_FILE_ENV, load_profile
 
     assert load_profile("paper").trainer == "grid" and load_profile("cpu").trainer == "single"
     bad = tmp_path / "profiles.yml"

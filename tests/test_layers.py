@@ -1,18 +1,19 @@
-"""lvae.layers: the MLP d(y) (eq 10), the Gaussian heads (eqs 11-12; var = softplus + eps), the
+"""lvae.model.layers: the MLP d(y) (eq 10), the Gaussian heads (eqs 11-12; var = softplus + eps), the
 likelihoods p(x|z_1) (eq 3) against torch.distributions, and the inference-mode fast paths."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import small_config
 from torch.distributions import Bernoulli
 from torch.distributions import Normal as TorchNormal
 
 import lvae
-from helpers import small_config
 from lvae.config import ModelConfig
-from lvae.gaussian import Normal
-from lvae.layers import (MLP, BernoulliLikelihood, Dense, GaussianHead, GaussianLikelihood, GaussianMLP, glorot_normal_)
+from lvae.model.gaussian import Normal
+from lvae.model.layers import (MLP, BernoulliLikelihood, Dense, GaussianHead, GaussianLikelihood, GaussianMLP,
+                               glorot_normal_)
 
 
 def _cfg(**kw):

@@ -8,9 +8,9 @@ import torch
 
 import lvae
 from lvae.config import ConfigError
-from lvae.checkpoint_format import format_1_state_dict, upgrade_state_dict
-from lvae.gaussian import STANDARD_NORMAL, Normal
-from lvae.models import BottomUpLayer, LadderLayer, LayerSample, StandardNormalPrior
+from lvae.model.blocks import BottomUpLayer, LadderLayer, LayerSample, StandardNormalPrior
+from lvae.model.checkpoint_format import format_1_state_dict, upgrade_state_dict
+from lvae.model.gaussian import STANDARD_NORMAL, Normal
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -241,7 +241,7 @@ def test_both_blocks_draw_a_layer_sample(inference):
 def test_kl_units_closed_form_where_q_and_p_share_the_sample_above(inference):
     """The one place that decides the KL's form: closed form for every LVAE layer and the top layer,
     the one-sample estimate log q - log p for the VAE below the top (and without ``analytic``)."""
-    from lvae.gaussian import kl_normal, kl_standard_normal
+    from lvae.model.gaussian import kl_normal, kl_standard_normal
 
     model, x = _tiny(inference)
     with torch.no_grad():

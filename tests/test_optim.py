@@ -1,17 +1,16 @@
-"""lvae.optim: FlatAdam and the clipping on one flat buffer are bitwise the plain torch loops, and
+"""lvae.training.optim: FlatAdam and the clipping on one flat buffer are bitwise the plain torch loops, and
 their state dicts interchangeable with torch.optim.Adam's."""
 import io
 
 import pytest
 import torch
+from helpers import library_steps, small_config
 
 import lvae
-from helpers import library_steps, small_config
-from lvae.bounds import training_bound
 from lvae.config import TrainConfig
-from lvae.optim import FlatAdam
-from lvae.train import make_optimizer
-
+from lvae.model.bounds import training_bound
+from lvae.training.optim import FlatAdam
+from lvae.training.step import make_optimizer
 
 
 def _steps(model, opt, clip, n=6, seed=0):

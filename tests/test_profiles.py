@@ -1,4 +1,4 @@
-"""Profiles (lvae/profiles.yml): every committed profile keeps its runs' keys, and a key a profile omits
+"""Profiles (lvae/registry/profiles.yml): every committed profile keeps its runs' keys, and a key a profile omits
 takes the config's own default (lvae.config is the one source of every default)."""
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from lvae import protocol
 from lvae.config import EvalConfig, TrainConfig
-from lvae.experiments import DEPTHS, FIG3_VARIANTS, run_config
-from lvae.profiles import PROFILE_FILE_ENV, available, experiment, load_profile
-from lvae.train import evaluate_run
+from lvae.registry.experiments import DEPTHS, FIG3_VARIANTS, run_config
+from lvae.registry.profiles import PROFILE_FILE_ENV, available, experiment, load_profile
+from lvae.report import protocol
+from lvae.training.step import evaluate_run
 
 # every committed profile's run keys and evaluation, as computed before the profile defaults were read
 # from lvae.config: {profile: {"eval": EvalConfig fields, "runs": {"<variant>-<depth>-s<seed>": dir_name}}}

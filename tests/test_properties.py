@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import lvae
-from lvae import cli, data, datasets, runs, storage
+from lvae import cli
 from lvae.config import LIKELIHOODS, ConfigError, ModelConfig, RunConfig, TrainConfig
+from lvae.data import batches, datasets
+from lvae.registry import runs, storage
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -103,10 +105,10 @@ def test_cli_int_lists_parse_exactly_signs_included(values):
 
 
 # -- data loaders ----------------------------------------------------------------------------------
-def bits(n: int) -> data.ImageData:
+def bits(n: int) -> batches.ImageData:
     """Distinct 0/1 rows: binarizing is the identity and a row identifies its example."""
     x = ((torch.arange(n)[:, None] >> torch.arange(8)[None, :]) & 1).float()
-    return data.ImageData("bits", x, None, x.clone(), None, (2, 4), "bernoulli")
+    return batches.ImageData("bits", x, None, x.clone(), None, (2, 4), "bernoulli")
 
 
 def ids(batch: torch.Tensor) -> list[int]:
@@ -117,13 +119,13 @@ def ids(batch: torch.Tensor) -> list[int]:
 @given(st.integers(1, 200), st.integers(1, 64), st.integers(0, 2**32), st.integers(0, 10**4))
 def test_train_batches_cover_every_example_once_and_replay(n, batch_size, seed, epoch):
     d = bits(n)
-    batches = list(data.train_batches(d, epoch, seed, batch_size))
-    assert len(batches) == data.num_batches(n, batch_size)
-    assert all(len(b) == batch_size for b in batches[:-1]) and 1 <= len(batches[-1]) <= batch_size
-    seen = [i for b in batches for i in ids(b)]
+    epoch_batches = list(batches.train_batches(d, epoch, seed, batch_size))
+    assert len(epoch_batches) == batches.num_batches(n, batch_size)
+    assert all(len(b) == batch_size for b in epoch_batches[:-1]) and 1 <= len(epoch_batches[-1]) <= batch_size
+    seen = [i for b in epoch_batches for i in ids(b)]
     assert sorted(seen) == list(range(n))
-    again = list(data.train_batches(d, epoch, seed, batch_size))
-    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    again = list(batches.train_batches(d, epoch, seed, batch_size))
+    assert all(torch.equal(a, b) for a, b in zip(epoch_batches, again))
 
 
 @settings(max_examples=15, deadline=None)
@@ -136,15 +138,15 @@ def test_synthetic_loader_prefixes_and_fixed_test_binarization(subset, test_subs
     full = datasets.load_dataset("synthetic", subset=300, test_subset=100, test_seed=test_seed)
     assert torch.equal(full.x_train[:subset], d.x_train)  # a subset is a prefix
     assert torch.equal(full.x_test[:test_subset], d.x_test)  # of the same fixed binarization
-    x = data.epoch_train_data(d, epoch, 0)
-    assert set(x.unique().tolist()) <= {0.0, 1.0} and torch.equal(x, data.epoch_train_data(d, epoch, 0))
+    x = batches.epoch_train_data(d, epoch, 0)
+    assert set(x.unique().tolist()) <= {0.0, 1.0} and torch.equal(x, batches.epoch_train_data(d, epoch, 0))
 
 
 @FAST
 @given(st.integers(-10**6, 0))
 def test_bad_subset_sizes_are_refused(n):
     with pytest.raises(ValueError):
-        datasets.load_dataset("synthetic", subset=n) if n < 0 else data.num_batches(10, n)
+        datasets.load_dataset("synthetic", subset=n) if n < 0 else batches.num_batches(10, n)
 
 
 # -- registry file formats -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The protocol (lvae.protocol, book/protocol.md): every config default has a documented source,
+"""The protocol (lvae.report.protocol, book/protocol.md): every config default has a documented source,
 every option it names is one `lvae train` accepts, the `paper` profile is the paper's budget, and
 the repository cites no file outside itself."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from lvae import protocol
 from lvae.cli import build_parser
 from lvae.config import ConfigError
-from lvae.profiles import load_profile
+from lvae.registry.profiles import load_profile
+from lvae.report import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ def test_a_field_without_a_source_is_refused_by_name(monkeypatch):
     del sources[("train", "adam_eps")]
     monkeypatch.setattr(protocol, "SOURCES", sources)
     assert protocol.undocumented() == ["train.adam_eps (no source)"]
-    with pytest.raises(ConfigError, match=r"TrainConfig\.adam_eps has no entry in lvae\.protocol\.SOURCES"):
+    with pytest.raises(ConfigError, match=r"TrainConfig\.adam_eps has no entry in lvae\.report\.protocol\.SOURCES"):
         protocol.field_rows("train")
 
 

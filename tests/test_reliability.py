@@ -12,25 +12,24 @@ import re
 import struct
 from pathlib import Path
 
+import faults
 import numpy as np
 import pytest
 import torch
+from helpers import same
 
 import lvae
-import lvae.warmup
-from lvae import data, datasets
-from lvae import runs, storage
-from lvae.bounds import iw_bound, iw_bound_batched, kl_per_unit, training_bound
+import lvae.model.warmup
 from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.gaussian import NoiseReplay
-from lvae.models import draw_noise
-from lvae.profiles import load_profile
-from lvae.engine import get_or_train
-from lvae.runs import CHECKPOINT, WEIGHTS_FP16, Run
-from lvae.storage import RunError, read_jsonl
-
-import faults
-from helpers import same
+from lvae.data import batches, datasets
+from lvae.model.bounds import iw_bound, iw_bound_batched, kl_per_unit, training_bound
+from lvae.model.gaussian import NoiseReplay
+from lvae.model.network import draw_noise
+from lvae.registry import runs, storage
+from lvae.registry.profiles import load_profile
+from lvae.registry.runs import CHECKPOINT, WEIGHTS_FP16, Run
+from lvae.registry.storage import RunError, read_jsonl
+from lvae.training.loop import get_or_train
 
 TIMING = {"epoch_seconds", "iw_seconds"}
 CONFIG = RunConfig("rel", ModelConfig(x_dim=64, latent_sizes=(4, 2), hidden_sizes=(16, 8)),
@@ -183,7 +182,7 @@ def test_a_file_size_limit_in_a_real_process_is_a_clean_error(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (16_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
     code = ("import sys, json, torch; torch.set_num_threads(1)\n"
-            "from lvae.config import EvalConfig, RunConfig\nfrom lvae.engine import get_or_train\n"
+            "from lvae.config import EvalConfig, RunConfig\nfrom lvae.training.loop import get_or_train\n"
             "get_or_train(RunConfig.from_dict(json.loads(sys.argv[2])), 2, EvalConfig(**json.loads(sys.argv[3])),"
             " root=sys.argv[1], progress=False)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), json.dumps(CONFIG.to_dict()),
@@ -638,7 +637,7 @@ def test_bad_dataset_arguments_are_refused():
     with pytest.raises(ValueError, match="subset size"):
         datasets.load_dataset("synthetic", subset=0)
     with pytest.raises(ValueError, match="batch_size must be positive"):
-        next(data.train_batches(datasets.load_dataset("synthetic", subset=8), 0, 0, 0))
+        next(batches.train_batches(datasets.load_dataset("synthetic", subset=8), 0, 0, 0))
 
 
 class Killed(Exception):
@@ -652,7 +651,7 @@ def kill():
 def test_faults_fire_at_the_nth_point_only(tmp_path):
     """The fault injection of tests/test_faults.py (tests/faults.py) stops at exactly the point asked
     for: the n-th rename onto a file, mid-append of a row, the n-th call of a training function."""
-    real_replace, real_beta = os.replace, lvae.warmup.warmup_beta
+    real_replace, real_beta = os.replace, lvae.model.warmup.warmup_beta
     undo = faults.install("rename:provenance.json:2, append:evals.jsonl:2, after:warmup_beta:3", kill)
     try:
         target = tmp_path / "provenance.json"
@@ -669,12 +668,12 @@ def test_faults_fire_at_the_nth_point_only(tmp_path):
             storage.append_jsonl(rows, {"n": 2, "pad": "x" * 10})
         text = rows.read_text()
         assert text.startswith('{"n": 1}\n') and not text.endswith("\n")  # a torn last line
-        lvae.warmup.warmup_beta(0, 10), lvae.warmup_beta(1, 10)  # counted wherever it was imported
+        lvae.model.warmup.warmup_beta(0, 10), lvae.warmup_beta(1, 10)  # counted wherever it was imported
         with pytest.raises(Killed):
-            lvae.warmup.warmup_beta(2, 10)
+            lvae.model.warmup.warmup_beta(2, 10)
     finally:
         undo()
-    assert os.replace is real_replace and lvae.warmup.warmup_beta is lvae.warmup_beta is real_beta  # undone
+    assert os.replace is real_replace and lvae.model.warmup.warmup_beta is lvae.warmup_beta is real_beta  # undone
     with pytest.raises(ValueError, match="expected <kind>:<target>:<n>"):
         faults.parse("checkpoint:2")
 

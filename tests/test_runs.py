@@ -11,28 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import same
 
-import lvae.datasets
-import lvae.engine
-import lvae.training
-import lvae.runs
-import lvae.train
+import lvae.data.datasets
+import lvae.registry.runs
+import lvae.training.checkpoints
+import lvae.training.loop
+import lvae.training.step
 from lvae import cli
 from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.runs import (
-    CHECKPOINT,
-    SANE_CHECKPOINT,
-    WEIGHTS_FP16,
-    Run,
-    RunFailedError,
-    RunIncompleteError,
-    list_runs,
-)
-from lvae.engine import get_or_train
-from lvae.experiments import run_config
-from lvae.storage import RunLockedError, run_lock
-from lvae.train import NonFiniteLossError
-from helpers import same
+from lvae.registry.experiments import run_config
+from lvae.registry.runs import (CHECKPOINT, SANE_CHECKPOINT, WEIGHTS_FP16, Run, RunFailedError, RunIncompleteError,
+                                list_runs)
+from lvae.registry.storage import RunLockedError, run_lock
+from lvae.training.loop import get_or_train
+from lvae.training.step import NonFiniteLossError
 
 TIMING = {"epoch_seconds", "iw_seconds"}
 STEPS = 4  # per epoch: 128 images in batches of 32
@@ -132,7 +125,7 @@ def test_status_running_then_interrupted(tmp_path):
 # -- numerical faults ----------------------------------------------------------------------------
 def inject(monkeypatch, at_call: int, kind: str) -> None:
     """Make the at_call-th training bound non-finite (loss) or give it non-finite gradients."""
-    real = lvae.train.training_bound
+    real = lvae.training.step.training_bound
     calls = {"n": 0}
 
     def faulty(model, x, *args, **kwargs):
@@ -147,7 +140,7 @@ def inject(monkeypatch, at_call: int, kind: str) -> None:
         w = next(model.parameters())  # d/dw sqrt(w - w) = inf * 0 = nan, the value stays 0
         return b + torch.sqrt(w - w).sum()
 
-    monkeypatch.setattr(lvae.train, "training_bound", faulty)
+    monkeypatch.setattr(lvae.training.step, "training_bound", faulty)
 
 
 @pytest.mark.parametrize("kind,at_call,message", [
@@ -185,13 +178,13 @@ def test_non_finite_training_stops_keeps_last_good_checkpoint_and_fails_the_run(
 # -- evaluations that are not sane (issue 13, findings 1 and 2) -------------------------------------
 def spoil_evaluation(monkeypatch, at_epoch: int, **values) -> None:
     """Make the evaluation of ``at_epoch`` return ``values`` (e.g. test_L1=nan) instead of its own."""
-    real = lvae.engine.evaluate
+    real = lvae.training.loop.evaluate
 
     def spoiled(model, data, cfg, ecfg, epoch, *args, **kwargs):
         out = real(model, data, cfg, ecfg, epoch, *args, **kwargs)
         return {**out, **values} if epoch + 1 == at_epoch else out
 
-    monkeypatch.setattr(lvae.engine, "evaluate", spoiled)
+    monkeypatch.setattr(lvae.training.loop, "evaluate", spoiled)
 
 
 def strict_json(text: str):
@@ -213,7 +206,7 @@ def test_an_insane_evaluation_fails_the_run_and_keeps_the_last_sane_checkpoint(
     ecfg = dataclasses.replace(ECONFIG, every=1)
     good = train(tmp_path / "good", ecfg=ecfg, stop_after=1)
     spoil_evaluation(monkeypatch, 2, **values)
-    with pytest.raises(lvae.train.DivergedError, match=message) as err:
+    with pytest.raises(lvae.training.step.DivergedError, match=message) as err:
         train(tmp_path / "bad", ecfg=ecfg)
     assert "lower the learning rate (lr=0.001; --lr on the command line)" in str(err.value)
     assert "keeps its checkpoint of epoch 1" in str(err.value)
@@ -231,7 +224,7 @@ def test_an_insane_evaluation_fails_the_run_and_keeps_the_last_sane_checkpoint(
 
 def test_an_insane_first_evaluation_keeps_no_checkpoint(monkeypatch, tmp_path):
     spoil_evaluation(monkeypatch, 1, test_L1=float("nan"))
-    with pytest.raises(lvae.train.DivergedError, match="epoch 1 is not sane.*keeps no checkpoint"):
+    with pytest.raises(lvae.training.step.DivergedError, match="epoch 1 is not sane.*keeps no checkpoint"):
         train(tmp_path, ecfg=dataclasses.replace(ECONFIG, every=1))
     run = Run(tmp_path / CONFIG.dir_name)
     assert run.status == "failed" and run.epochs == 0 and run.metrics() == []
@@ -247,9 +240,9 @@ def test_a_failure_between_evaluations_rolls_back_to_the_last_evaluated_checkpoi
     if not hard_links:
         def no_link(*_):
             raise OSError(errno.EPERM, "no hard links here")
-        monkeypatch.setattr(lvae.training.os, "link", no_link)
+        monkeypatch.setattr(lvae.training.checkpoints.os, "link", no_link)
     spoil_evaluation(monkeypatch, 4, test_L1=float("nan"))
-    with pytest.raises(lvae.train.DivergedError, match="epoch 4 is not sane.*keeps its checkpoint of epoch 2"):
+    with pytest.raises(lvae.training.step.DivergedError, match="epoch 4 is not sane.*keeps its checkpoint of epoch 2"):
         train(tmp_path / "bad")
     run = Run(tmp_path / "bad" / CONFIG.dir_name)
     assert run.epochs == 2 and same(state(run), state(good))
@@ -263,7 +256,7 @@ def test_a_failure_between_evaluations_rolls_back_to_the_last_evaluated_checkpoi
 def test_a_training_bound_that_keeps_getting_worse_fails_the_run(monkeypatch, tmp_path):
     """After warm-up the training L1 falls at three evaluations in a row, by more than a tenth of
     the trivial bound in all: the run fails at the third."""
-    real = lvae.engine.evaluate
+    real = lvae.training.loop.evaluate
     first = {}
 
     def worsening(model, data, cfg, ecfg, epoch, *args, **kwargs):
@@ -271,15 +264,15 @@ def test_a_training_bound_that_keeps_getting_worse_fails_the_run(monkeypatch, tm
         first.setdefault("L1", out["train_L1"])
         return {**out, "train_L1": first["L1"] - 2.0 * epoch}  # 2 nats worse per epoch
 
-    monkeypatch.setattr(lvae.engine, "evaluate", worsening)
-    with pytest.raises(lvae.train.DivergedError, match=r"epoch 6 is not sane: train_L1 fell at 3 evaluations in a "
+    monkeypatch.setattr(lvae.training.loop, "evaluate", worsening)
+    with pytest.raises(lvae.training.step.DivergedError, match=r"epoch 6 is not sane: train_L1 fell at 3 evaluations in a "
                                                        r"row after warm-up.*at epoch 3.*keeps getting worse"):
         train(tmp_path, epochs=8, ecfg=dataclasses.replace(ECONFIG, every=1))
     assert Run(tmp_path / CONFIG.dir_name).epochs == 5
 
 
 def test_evaluation_problem_thresholds():
-    from lvae.train import SANITY_FACTOR, evaluation_problem, trivial_bound
+    from lvae.training.step import SANITY_FACTOR, evaluation_problem, trivial_bound
 
     assert trivial_bound(784, "bernoulli") == pytest.approx(-543.4, abs=0.05)
     assert trivial_bound(2048, "gaussian") == pytest.approx(-2048 * 1.0439, abs=0.5)
@@ -300,8 +293,8 @@ def test_evaluation_problem_thresholds():
 
 def test_no_committed_run_would_have_failed_the_sanity_checks():
     """Replaying every evaluation of the registry's runs through the checks: none trips them."""
-    from lvae.runs import list_runs, results_dir
-    from lvae.train import evaluation_problem
+    from lvae.registry.runs import list_runs, results_dir
+    from lvae.training.step import evaluation_problem
 
     runs = list_runs(results_dir())
     for run in runs:
@@ -354,12 +347,12 @@ def test_list_runs_skips_an_incompatible_directory_with_a_warning(tmp_path):
 
 
 def test_evaluate_run_uses_every_requested_test_image_and_is_recorded(tmp_path):
-    from lvae.train import evaluate_run
+    from lvae.training.step import evaluate_run
 
     run = train(tmp_path, epochs=2, ecfg=dataclasses.replace(ECONFIG, iw_subset=16))
     assert run.metrics()[-1]["n_iw"] == 16  # training-time L_K on the profile's subset
     row = evaluate_run(run, iw_k=8, test_subset=None, iw_chunk=4, device="cpu")
-    assert row["n_iw"] == row["n_test"] == len(lvae.datasets.load_dataset("synthetic").x_test)
+    assert row["n_iw"] == row["n_test"] == len(lvae.data.datasets.load_dataset("synthetic").x_test)
     assert run.evals()[-1]["test_LK"] == row["test_LK"]
 
 

@@ -1,4 +1,4 @@
-"""lvae.stats against closed forms: scipy's t-tests and hand-computed standard errors."""
+"""lvae.report.stats against closed forms: scipy's t-tests and hand-computed standard errors."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from lvae.stats import Estimate, contrast, contrast_of_means, mean_ci, paired_difference
+from lvae.report.stats import Estimate, contrast, contrast_of_means, mean_ci, paired_difference
 
 RNG = np.random.default_rng(0)
 
@@ -99,7 +99,7 @@ def test_estimate_excludes_and_text():
 
 def test_partly_paired_with_every_seed_paired_is_the_paired_contrast():
     """With per-image values for every seed, the seed-mean form and the image-by-image form are one estimate."""
-    from lvae.stats import contrast, contrast_partly_paired
+    from lvae.report.stats import contrast, contrast_partly_paired
 
     rng = np.random.default_rng(3)
     a = [rng.normal(0.3 + 0.05 * s, 1.0, 400) for s in range(3)]
@@ -163,7 +163,7 @@ def test_the_intervals_keep_95_percent_coverage_with_three_seeds():
 
 def test_a_one_seed_estimate_borrows_the_seed_term():
     """A budget with one seed takes its seed term from the same comparison measured over three seeds."""
-    from lvae.stats import with_seed_term
+    from lvae.report.stats import with_seed_term
 
     three = mean_ci([1.0, 1.4, 0.9])
     one = contrast([(1, [RNG.normal(2.0, 1.0, 400)])])

@@ -1,20 +1,20 @@
-"""The training step (lvae.train): the step with pre-drawn noise is bitwise the step that draws it,
+"""The training step (lvae.training.step): the step with pre-drawn noise is bitwise the step that draws it,
 the learning rate reaches Adam, and the opt-in bf16 mode is refused, naming the fp32 option, where
 bf16 matrix multiplication is not fast."""
 from __future__ import annotations
 
 import pytest
 import torch
-
-import lvae.train
-from lvae.bounds import training_bound
-from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from lvae.engine import get_or_train
-from lvae import datasets
 from helpers import library_steps, small_config
-from lvae.models import build_model, draw_noise
-from lvae.train import (Objective, PrecisionError, bf16_matmul, check_precision, make_optimizer, objective_step,
-                        train_step)
+
+import lvae.training.step
+from lvae.config import ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from lvae.data import datasets
+from lvae.model.bounds import training_bound
+from lvae.model.network import build_model, draw_noise
+from lvae.training.loop import get_or_train
+from lvae.training.step import (Objective, PrecisionError, bf16_matmul, check_precision, make_optimizer, objective_step,
+                                train_step)
 
 MODEL = ModelConfig(x_dim=30, latent_sizes=(6, 3), hidden_sizes=(16, 8))
 
@@ -45,7 +45,7 @@ def test_the_step_with_pre_drawn_noise_is_bitwise_the_step_that_draws_it(eq, iw)
         loss_a = -training_bound(a, x, beta, eq, iw, cfg.analytic_kl, ga, check=False).mean()
         opt_a.zero_grad()
         loss_a.backward()
-        lvae.train.clip_gradients(opt_a, cfg)
+        lvae.training.step.clip_gradients(opt_a, cfg)
         opt_a.step()
         eps = draw_noise(MODEL, eq * iw, len(x), gb, "cpu")
         loss_b = objective_step(Objective(b, cfg), opt_b, x, torch.tensor(beta), eps, cfg)
@@ -83,7 +83,7 @@ def test_bf16_probe_is_cached_per_process():
 
 
 def test_bf16_without_fast_hardware_is_refused_with_the_fp32_alternative(tmp_path, monkeypatch):
-    monkeypatch.setitem(lvae.train._BF16_FAST, "cpu", (False, "a 512 x 512 matmul took 9.00 ms in bf16 and "
+    monkeypatch.setitem(lvae.training.step._BF16_FAST, "cpu", (False, "a 512 x 512 matmul took 9.00 ms in bf16 and "
                                                               "1.00 ms in fp32 on this CPU (DEFAULT)"))
     cfg = RunConfig("b", ModelConfig(x_dim=64, latent_sizes=(4, 2), hidden_sizes=(16, 8)),
                     TrainConfig(dataset="synthetic", subset=64, batch_size=32, precision="bf16"))
@@ -93,7 +93,7 @@ def test_bf16_without_fast_hardware_is_refused_with_the_fp32_alternative(tmp_pat
     assert not any(tmp_path.iterdir())  # refused before the run directory exists
     assert issubclass(PrecisionError, ConfigError)
     check_precision(TrainConfig(precision="fp32"), "cpu")  # fp32 is never refused
-    monkeypatch.setitem(lvae.train._BF16_FAST, "cpu", (True, "fast"))
+    monkeypatch.setitem(lvae.training.step._BF16_FAST, "cpu", (True, "fast"))
     check_precision(cfg.train, "cpu")
 
 
@@ -135,8 +135,8 @@ def test_compiled_step_matches_eager_step():
         torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     x = (torch.rand(16, 30, generator=torch.Generator().manual_seed(4)) < 0.4).float()
-    from lvae.models import draw_noise
-    from lvae.train import compiled_objective
+    from lvae.model.network import draw_noise
+    from lvae.training.step import compiled_objective
     eps = draw_noise(b.config, 1, 16, g1, "cpu")
     la = -training_bound(b, x, 0.7, 1, 1, True, g2).mean()
     lb = compiled_objective(b, comp)(x, torch.tensor(0.7), eps)

@@ -1,9 +1,9 @@
-"""lvae.warmup: the beta schedule of eq 20 -- linear from 0 to 1 over N_t epochs, 1 afterwards, and
+"""lvae.model.warmup: the beta schedule of eq 20 -- linear from 0 to 1 over N_t epochs, 1 afterwards, and
 1 throughout without warm-up (N_t = 0)."""
 import pytest
 
 import lvae
-from lvae.warmup import warmup_beta
+from lvae.model.warmup import warmup_beta
 
 
 def test_warmup_beta_schedule():
