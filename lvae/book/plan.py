@@ -20,7 +20,7 @@ import yaml
 
 from lvae.data.datasets import DATASETS
 from lvae.registry.profiles import available, experiment, load_profile
-from lvae.registry.runs import COMMITTED, RESULTS_ENV, Run, list_runs, repository
+from lvae.registry.runs import COMMITTED, RESULTS_ENV, list_runs, repository, stored_run
 from lvae.registry.storage import RunError
 from lvae.report.analysis import short_device
 
@@ -129,11 +129,9 @@ def resolve_profile(profile: str, style: str = "papermill", **overrides: Any):
 # -- where the runs are --------------------------------------------------------------------------
 def _complete(path: Path, epochs: int):
     """The run at ``path`` when it is complete with at least ``epochs`` epochs, else None."""
-    if not (path / "config.json").exists():
-        return None
     try:
-        run = Run(path)
-        return run if run.status == "complete" and run.epochs >= epochs else None
+        run = stored_run(path)
+        return run if run is not None and run.status == "complete" and run.epochs >= epochs else None
     except (RunError, OSError, ValueError, KeyError):
         return None
 

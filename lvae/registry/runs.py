@@ -431,6 +431,12 @@ def _load_state(module: Any, state: dict, path: Path) -> None:
                        f"to retrain the run") from None
 
 
+def stored_run(path: str | os.PathLike) -> Run | None:
+    """The run stored at ``path``, or None when nothing is stored there (no ``config.json``)."""
+    path = Path(path)
+    return Run(path) if (path / "config.json").exists() else None
+
+
 def list_runs(root: str | os.PathLike | None = None) -> list[Run]:
     """The readable runs of the registry, by name (one whose config.json cannot be read: a warning;
     :func:`registry_rows` lists it as damaged)."""

@@ -18,7 +18,7 @@ import numpy as np
 from lvae.data.datasets import load_dataset
 from lvae.registry.experiments import VARIANTS, finetune_config, run_config
 from lvae.registry.profiles import Profile, available, experiment, load_profile
-from lvae.registry.runs import Run, RunFailedError, RunIncompleteError, list_runs, results_dir
+from lvae.registry.runs import Run, RunFailedError, RunIncompleteError, list_runs, results_dir, stored_run
 from lvae.report import paper
 from lvae.report.stats import Estimate, contrast, contrast_of_means, contrast_partly_paired, mean_ci
 from lvae.training.profile_runs import find_run
@@ -872,5 +872,4 @@ def finetune_run(profile, variant: str = "lvae_bn_wu", depth: int | None = None)
     """The Table 1 finetuning run continuing the profile's ``variant`` model, if it is in the
     registry (None otherwise; it is never trained here)."""
     parent, _ = experiment(profile, variant, depth or profile.max_depth)
-    path = results_dir() / finetune_config(parent, profile.epochs).dir_name
-    return Run(path) if (path / "config.json").exists() else None
+    return stored_run(results_dir() / finetune_config(parent, profile.epochs).dir_name)

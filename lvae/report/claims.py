@@ -56,7 +56,7 @@ import numpy as np
 
 from lvae.registry.experiments import FIG3_VARIANTS, VARIANTS, finetune_config
 from lvae.registry.profiles import Profile, available, experiment, load_profile
-from lvae.registry.runs import COMMITTED, Run, repository, results_dir
+from lvae.registry.runs import COMMITTED, Run, repository, results_dir, stored_run
 from lvae.registry.storage import RunError
 from lvae.report import analysis, paper, stats
 from lvae.report.analysis import (ACTIVE_UNIT_THRESHOLD, active_units, at_epoch, best_lk, best_model, final, history,
@@ -418,8 +418,7 @@ class Registry:
             if cell is not None:
                 run = find_run(self.P, *cell, root=self.root)
             else:
-                path = self.root / cfg.dir_name
-                run = Run(path) if (path / "config.json").exists() else None
+                run = stored_run(self.root / cfg.dir_name)
         except RunError as e:
             return None, f"unreadable ({e})"
         if run is None:

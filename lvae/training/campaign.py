@@ -48,7 +48,7 @@ import torch
 from lvae.config import EvalConfig, RunConfig
 from lvae.data.datasets import load_dataset
 from lvae.registry.profiles import experiment, load_profile
-from lvae.registry.runs import MILESTONE_WEIGHTS, WEIGHTS_FP16, Run, load_checkpoint
+from lvae.registry.runs import MILESTONE_WEIGHTS, WEIGHTS_FP16, Run, load_checkpoint, stored_run
 from lvae.registry.storage import RunLockedError, atomic_write_bytes
 from lvae.training.loop import get_or_train
 from lvae.training.step import evaluate_run
@@ -120,8 +120,7 @@ def plan() -> list[Stage]:
 
 
 def _run(stage: Stage, root: Path) -> Run | None:
-    path = registry(root) / stage.config.dir_name
-    return Run(path) if (path / "config.json").exists() else None
+    return stored_run(registry(root) / stage.config.dir_name)
 
 
 def _full_test_eval(run: Run, epochs: int) -> dict | None:

@@ -161,11 +161,9 @@ def submit_grid(configs: Sequence[RunConfig], epochs: int,
     ex = make_executor(executor, folder, options, device)
     todo = []
     for i, c in enumerate(configs):
-        path = base / c.dir_name
-        if (path / "config.json").exists():
-            run = runs.Run(path)
-            if run.epochs >= epochs and run.status == "complete":
-                continue
+        run = runs.stored_run(base / c.dir_name)
+        if run is not None and run.epochs >= epochs and run.status == "complete":
+            continue
         todo.append(i)
     free = list(todo)
     jobs, groups = [], []

@@ -35,7 +35,7 @@ import torch
 from lvae.config import EvalConfig, RunConfig
 from lvae.data import batches
 from lvae.data.datasets import load_dataset
-from lvae.registry.runs import Run, check_run_name, results_dir
+from lvae.registry.runs import Run, check_run_name, results_dir, stored_run
 from lvae.registry.storage import run_lock
 from lvae.training.loop import get_or_train, open_member, train_stack
 from lvae.training.step import NonFiniteLossError, check_precision, default_device
@@ -86,11 +86,10 @@ def train_grid(configs: Sequence[RunConfig], epochs: int, eval_config: EvalConfi
         check_run_name(cfg.name)
     for i, cfg in enumerate(configs):
         path = base / cfg.dir_name
-        if (path / "config.json").exists():
-            run = Run(path)
-            if run.epochs >= epochs and run.status == "complete":
-                done[i] = run
-                continue
+        run = stored_run(path)
+        if run is not None and run.epochs >= epochs and run.status == "complete":
+            done[i] = run
+            continue
         if cfg.train.init_from:
             try:
                 done[i] = get_or_train(cfg, epochs, ecfgs[i], root=base, device=dev, progress=progress,

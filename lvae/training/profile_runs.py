@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from lvae.registry.profiles import Profile, experiment, load_profile, profile_grid
-from lvae.registry.runs import Run, results_dir
+from lvae.registry.runs import Run, results_dir, stored_run
 from lvae.training.grid import train_grid
 from lvae.training.loop import get_or_train
 from lvae.training.step import NonFiniteLossError
@@ -47,15 +47,15 @@ def find_run(profile: Profile | str, variant: str, depth: int, seed: int,
     p = load_profile(profile) if isinstance(profile, str) else profile
     cfg, _ = experiment(p, variant, depth, seed)
     path = results_dir(root) / cfg.dir_name
-    return Run(path) if (path / "config.json").exists() else _also_found(p, variant, depth, seed, root)
+    return stored_run(path) or _also_found(p, variant, depth, seed, root)
 
 
 def _also_found(p: Profile, variant: str, depth: int, seed: int | None, root) -> Run | None:
     """The first run of the cell under one of the profile's ``also_found`` step settings, or None."""
     for overrides in p.also_found:
-        path = results_dir(root) / experiment(p, variant, depth, seed, **dict(overrides))[0].dir_name
-        if (path / "config.json").exists():
-            return Run(path)
+        run = stored_run(results_dir(root) / experiment(p, variant, depth, seed, **dict(overrides))[0].dir_name)
+        if run is not None:
+            return run
     return None
 
 
