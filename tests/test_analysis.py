@@ -1,9 +1,11 @@
-"""Chapter helpers of lvae.report.analysis / lvae.book.chapter that pick or print the numbers the book shows."""
+"""The numbers and table rows the book shows, read from stored runs (lvae.report.run_values, seed_means,
+paper_tables, latent_units, budgets, registry_tables), and the chapter helpers of lvae.book.chapter that print them."""
 import pytest
 
 from lvae.book.chapter import glue
 from lvae.book.plan import BookError
-from lvae.report.analysis import best_lk, registry_rows, short_device
+from lvae.report.registry_tables import registry_rows
+from lvae.report.run_values import best_lk, short_device
 
 
 class FakeRun:
@@ -81,7 +83,7 @@ import torch  # noqa: E402
 
 from lvae.book import plots  # noqa: E402
 from lvae.config import EvalConfig  # noqa: E402
-from lvae.report import analysis, stats
+from lvae.report import budgets, latent_units, paper_tables, seed_means, stats  # noqa: E402
 
 
 class SeedRun(FakeRun):
@@ -112,18 +114,18 @@ class SeedRun(FakeRun):
 
 def test_seed_mean_three_seeds_one_seed_and_missing():
     runs = {("vae", 2, s): SeedRun(v) for s, v in enumerate([-99.0, -98.0, -97.5])}
-    sm = analysis.seed_mean(runs, "vae", 2, "test_L1")
+    sm = seed_means.seed_mean(runs, "vae", 2, "test_L1")
     ref = stats.mean_ci([-99.0, -98.0, -97.5])
     assert (sm.value, sm.estimate.half_width, sm.n_seeds, sm.n_images) == (ref.mean, ref.half_width, 3, 10_000)
     assert sm.text() == ref.text() and sm.cell() == (ref.text(), "s.e. 0.25 (images)", "3 seeds")
     assert sm.spread_text() == ref.text()[len(f"{ref.mean:.2f}"):].strip()
     # one seed: the test-image s.e. and "1 seed"; the seeds listed without a run say why
-    one = analysis.seed_mean({("vae", 2, 0): runs[("vae", 2, 0)], ("vae", 2, 1): None,
+    one = seed_means.seed_mean({("vae", 2, 0): runs[("vae", 2, 0)], ("vae", 2, 1): None,
                               ("vae", 2, 2): SeedRun(-90.0, status="partial", epochs=4)}, "vae", 2, "test_L1")
     assert one.cell() == ("-99.00 ± 0.25 s.e.", "1 seed")
     assert one.spread_text() == "± 0.25 s.e."
     assert one.missing == {1: "not run", 2: "partial, 4 of 10 epochs"}
-    assert analysis.seeds_cell([one], 3) == ("1 of 3", "seed 1: not run", "seed 2: partial, 4 of 10 epochs")
+    assert seed_means.seeds_cell([one], 3) == ("1 of 3", "seed 1: not run", "seed 2: partial, 4 of 10 epochs")
 
 
 def _grid(order_seed: int) -> dict:
@@ -143,8 +145,8 @@ def _grid(order_seed: int) -> dict:
 
 
 def test_headline_is_keyed_averages_seeds_and_says_its_images():
-    h = analysis.headline(_grid(0), 2)
-    assert tuple(h) == analysis.HEADLINE_KEYS
+    h = paper_tables.headline(_grid(0), 2)
+    assert tuple(h) == paper_tables.HEADLINE_KEYS
     assert h["mnist_best_vae_test_L1"]["model"] == ("vae_bn_wu", 2)  # best mean, not the best seed 0
     assert h["mnist_lvae5_test_L1"]["value"] == pytest.approx(-98.4)
     assert h["mnist_lvae5_test_L1"]["seeds"] == 3
@@ -153,26 +155,26 @@ def test_headline_is_keyed_averages_seeds_and_says_its_images():
     assert (lk["n"], lk["measured as"], lk["value"]) == (500, "L5000 (500 images)", pytest.approx(-89.4))
     assert h["t1_lvae5"]["value"] == lk["value"]
     for order in (1, 2):  # the same rows whatever the order of the runs
-        again = analysis.headline(_grid(order), 2)
+        again = paper_tables.headline(_grid(order), 2)
         assert [r["value"] for r in again.values()] == [r["value"] for r in h.values()]
 
 
 def test_lk_images_takes_the_most_images_all_runs_share():
     a = SeedRun(-98.0, lk=-90.0, evals=[_eval(-90.5, 10_000, 600.0)])
     b = SeedRun(-98.0, lk=-90.0, evals=[_eval(-90.4, 10_000, 600.0)])
-    assert analysis.lk_images([a, b]) == 10_000
-    assert analysis.lk_images([a, b, SeedRun(-98.0, lk=-91.0)]) == 500
-    assert analysis.lk_images([None, SeedRun(-98.0)]) is None
+    assert seed_means.lk_images([a, b]) == 10_000
+    assert seed_means.lk_images([a, b, SeedRun(-98.0, lk=-91.0)]) == 500
+    assert seed_means.lk_images([None, SeedRun(-98.0)]) is None
     runs = {("lvae_bn_wu", 2, 0): a, ("lvae_bn_wu", 2, 1): b}
-    rows = analysis.table1_rows(runs, 2)
-    assert tuple(rows) == analysis.TABLE1_KEYS  # keyed by the paper's key, in the table's order
+    rows = paper_tables.table1_rows(runs, 2)
+    assert tuple(rows) == paper_tables.TABLE1_KEYS  # keyed by the paper's key, in the table's order
     row = rows["t1_lvae5"]
     assert row["estimate"].n_images == 10_000 and row["ours: run"] == ("LVAE+BN+WU 2-layer: L5000 (10,000 images)",)
     assert row["estimate"].value == pytest.approx(-90.45)
 
 
 def test_grid_rows_columns_say_images_and_seeds():
-    rows = analysis.grid_rows(_grid(0), ["vae_bn", "vae_bn_wu", "lvae_bn_wu"])
+    rows = paper_tables.grid_rows(_grid(0), ["vae_bn", "vae_bn_wu", "lvae_bn_wu"])
     assert [(r["model"], r["layers"]) for r in rows][:2] == [("VAE+BN", 1), ("VAE+BN", 2)]
     assert "test L5000 (500 images)" in rows[0] and rows[0]["seeds"] == "3 of 3"
     assert rows[1]["test L1"][0] == stats.mean_ci([-97.0, -100.0, -100.0]).text()
@@ -184,12 +186,12 @@ def test_difference_is_paired_when_per_image_values_exist():
     per = {s: {"test_L1": base + rng.normal(0, 0.5, 200) + (0.3 if s < 2 else 0.0), "n": 200} for s in range(4)}
     runs = {("lvae_bn_wu", 2, s): SeedRun(float(per[s]["test_L1"].mean()), per_image=per[s]) for s in (0, 1)}
     runs.update({("vae_bn_wu", 2, s - 2): SeedRun(float(per[s]["test_L1"].mean()), per_image=per[s]) for s in (2, 3)})
-    d = analysis.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
+    d = seed_means.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
     ref = stats.contrast([(1.0, [per[0]["test_L1"], per[1]["test_L1"]]),
                           (-1.0, [per[2]["test_L1"], per[3]["test_L1"]])])
     assert d == ref and d.df == 1  # two seeds a side: the smallest seed df (issue 18, finding 6)
     runs[("vae_bn_wu", 2, 0)]._per_image = None  # a run without per-image values: from the means
-    d2 = analysis.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
+    d2 = seed_means.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
     assert d2.mean == pytest.approx(d.mean) and d2.half_width > d.half_width
 
 
@@ -202,10 +204,10 @@ def test_difference_pairs_the_runs_with_per_image_values_when_only_some_have_the
     runs.update({("vae_bn_wu", 2, s): SeedRun(l1[s + 2], per_image={"test_L1": per[s + 2], "n": 200}, n_test=200)
                  for s in (0, 1)})
     runs[("vae_bn_wu", 2, 0)]._per_image = None
-    d = analysis.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
+    d = seed_means.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
     assert d == stats.contrast_partly_paired([(1.0, l1[:2], per[:2]), (-1.0, l1[2:], per[3:])], 200)
     runs[("vae_bn_wu", 2, 1)]._per_image = None  # a side without any: unpaired, from the seed means and their s.e.
-    d2 = analysis.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
+    d2 = seed_means.difference(runs, ("lvae_bn_wu", 2), ("vae_bn_wu", 2), "test_L1")
     assert d2 == stats.contrast_of_means([(1.0, l1[:2], [0.25, 0.25]), (-1.0, l1[2:], [0.25, 0.25])], n_images=200)
     assert d2.half_width > d.half_width
 
@@ -219,12 +221,12 @@ def test_active_units_have_one_source_for_the_chapters_and_the_claims():
     from lvae.report import claims
 
     runs = {("vae", 2, s): SeedRun(-99.0, active=(3, 1)) for s in range(3)}
-    counts = analysis.active_unit_counts(runs, ["vae"], 2)
+    counts = latent_units.active_unit_counts(runs, ["vae"], 2)
     assert {layer: c.value for layer, c in counts["vae"].items()} == {"z1": 3, "z2": 1, "total": 4}
-    for fn in (analysis.active_unit_counts, analysis.active_unit_rows, analysis.layer_kl):
+    for fn in (latent_units.active_unit_counts, latent_units.active_unit_rows, latent_units.layer_kl):
         assert "kl_units" not in inspect.signature(fn).parameters
     assert all(claims._active_total(r) == counts["vae"]["total"].values[k[2]] for k, r in runs.items())
-    assert analysis.layer_kl(runs, ["vae"], 2)["vae"]["upper"].n_seeds == 3
+    assert latent_units.layer_kl(runs, ["vae"], 2)["vae"]["upper"].n_seeds == 3
     book = Path(__file__).resolve().parents[1] / "book"
     for chapter in book.glob("*.md"):
         assert "kl_units_from_weights" not in chapter.read_text(), chapter.name
@@ -243,7 +245,7 @@ def test_layer_kl_bars_take_variants_and_show_their_labels():
 def test_curves_vs_depth_draws_the_ci_over_seeds():
     import matplotlib.pyplot as plt
 
-    est = analysis.grid_estimates(_grid(0), "test_L1")
+    est = seed_means.grid_estimates(_grid(0), "test_L1")
     fig = plots.curves_vs_depth({"test L1": est})
     bars = [c for c in fig.axes[0].containers if c.has_yerr]
     assert len(bars) == 3
@@ -277,22 +279,22 @@ def test_budget_runs_read_finished_and_partial_runs_and_train_nothing(tmp_path, 
     get_or_train(cfg, 3, ecfg, root=root, device="cpu", progress=False, stop_after=1)  # partial: 1 of 3
     before = sorted(p.name for p in root.iterdir())
 
-    budgets = analysis.budget_runs(1, dataset="synthetic", root=root)
-    assert list(budgets) == ["short", "long"]  # "never" has no run and no row
-    assert budgets["long"][("vae_bn_wu", 1, 0)] is None
+    by_budget = budgets.budget_runs(1, dataset="synthetic", root=root)
+    assert list(by_budget) == ["short", "long"]  # "never" has no run and no row
+    assert by_budget["long"][("vae_bn_wu", 1, 0)] is None
     # the same configuration trained for other epochs belongs to another budget
     monkeypatch.setenv("LVAE_PROFILES", str(tmp_path / "other.yml"))
     (tmp_path / "other.yml").write_text(PROFILES.replace("epochs: 2, warmup_epochs: 1", "epochs: 5, warmup_epochs: 1"))
-    assert list(analysis.budget_runs(1, dataset="synthetic", root=root)) == ["long"]
+    assert list(budgets.budget_runs(1, dataset="synthetic", root=root)) == ["long"]
     monkeypatch.setenv("LVAE_PROFILES", str(tmp_path / "profiles.yml"))
     assert sorted(p.name for p in root.iterdir()) == before  # nothing trained
-    rows = {r["key"]: r for r in analysis.budget_rows(budgets)}
+    rows = {r["key"]: r for r in budgets.budget_rows(by_budget)}
     assert rows[("lvae_bn_wu", 1, "short")]["seeds"] == "2 of 2"
     assert rows[("lvae_bn_wu", 1, "long")]["seeds"] == ("0 of 2", "seed 0: partial, 1 of 3 epochs", "seed 1: not run")
     assert rows[("lvae_bn_wu", 1, "long")]["test L1"] == "—"
-    diffs = {r["profile"]: r for r in analysis.budget_differences(budgets)}
+    diffs = {r["profile"]: r for r in budgets.budget_differences(by_budget)}
     assert diffs["short"]["estimates"]["test_L1"] is not None and diffs["long"]["test L1"] is None
-    curves = analysis.learning_curves(budgets)
+    curves = budgets.learning_curves(by_budget)
     [partial] = curves["long"]["lvae_bn_wu"]
     assert partial["state"] == "partial, 1 of 3 epochs" and list(partial["epochs"]) == [1]
     assert len(curves["short"]["vae_bn_wu"]) == 2
@@ -373,11 +375,11 @@ def test_full_test_lk_rows_list_models_with_lk_on_every_test_image():
                                          per_image={"test_LK": b, "n": 10_000}),
             ("vae", 5, 0): SeedRun(-99.0, lk=-90.0),  # L_K on 500 test images only
             ("vae_bn", 5, 0): None}
-    rows = analysis.full_test_lk_rows({"cpu": runs})
+    rows = budgets.full_test_lk_rows({"cpu": runs})
     assert [(r["model"], r["test images"]) for r in rows] == [("LVAE+BN+WU-5", 10_000), ("VAE+BN+WU-5", 10_000)]
     assert rows[0]["LVAE+BN+WU − this"] is None and rows[0]["L5000"] == float(a.mean())
     want = stats.contrast([(1.0, [a]), (-1.0, [b])])
     assert rows[1]["LVAE+BN+WU − this"] == f"{want.text()} (paired)"
     # without per-image values the difference is the unpaired one, and says so
     runs[("vae_bn_wu", 5, 0)]._per_image = None
-    assert analysis.full_test_lk_rows({"cpu": runs})[1]["LVAE+BN+WU − this"].endswith("(unpaired)")
+    assert budgets.full_test_lk_rows({"cpu": runs})[1]["LVAE+BN+WU − this"].endswith("(unpaired)")

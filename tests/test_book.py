@@ -6,11 +6,14 @@ test_book_browser.py reuses it.
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import functools
 import json
 import os
 import re
 import subprocess
+import symtable
 import sys
 import time
 from html.parser import HTMLParser
@@ -177,9 +180,54 @@ def test_chapter_installs_lvae_from_the_configured_repository(chapter):
     assert "parameters" in parameters.metadata.get("tags", [])
     params = bookbuild.notebook_parameters(ROOT / "book" / f"{chapter}.md")
     assert params["profile"] == "cpu" and set(params) - {"profile"} <= set(book_plan.PARAMETERS)
-    # the set-up is one library call, not a copy of its steps in every chapter
-    code = [line for line in setup.source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    assert code == ["P = lvae.book.chapter.setup(globals())"], f"{chapter}: third cell {code}"
+    # the set-up: the chapter's imports, then one library call that is passed every parameter by name
+    # (not a copy of its steps in every chapter, and nothing read from or put into the notebook's globals)
+    assert "remove-cell" in setup.metadata.get("tags", [])
+    *imports, call = ast.parse(setup.source).body
+    assert imports and all(isinstance(s, (ast.Import, ast.ImportFrom)) for s in imports), f"{chapter}: third cell"
+    want = "P = setup(profile, " + ", ".join(f"{k}={k}" for k in params if k != "profile") + ")"
+    assert ast.unparse(call) == want, f"{chapter}: third cell ends {ast.unparse(call)!r}, not {want!r}"
+
+
+def _chapter_code(chapter: str) -> str:
+    """The code cells of a chapter as one Python module (IPython syntax made Python)."""
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    tm = TransformerManager()
+    nb = jupytext.read(ROOT / "book" / f"{chapter}.md")
+    return "\n".join(tm.transform_cell(c.source) for c in nb.cells if c.cell_type == "code")
+
+
+def unbound_and_unused(code: str) -> tuple[set[str], set[str]]:
+    """(names the code uses that it neither imports nor assigns and that are not builtins, names it
+    imports and never uses), read from the compiler's symbol tables: a use inside a function, class
+    or comprehension counts when the name is the module's."""
+    top = symtable.symtable(code, "<chapter>", "exec")
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()}
+    used = {s.get_name() for s in top.get_symbols() if s.is_referenced()}
+
+    def visit(table: symtable.SymbolTable) -> None:
+        for child in table.get_children():
+            used.update(s.get_name() for s in child.get_symbols() if s.is_global() and s.is_referenced())
+            visit(child)
+
+    visit(top)
+    imported = {s.get_name() for s in top.get_symbols() if s.is_imported()}
+    return used - bound - set(dir(builtins)), imported - used
+
+
+def test_unbound_and_unused_names_are_found():
+    code = "import os\nfrom x import a, b\ndef f(y):\n    return y + a + zz\nL = [j for j in range(3) if j > k]\n"
+    assert unbound_and_unused(code) == ({"zz", "k"}, {"os", "b"})
+
+
+@pytest.mark.parametrize("chapter", bookbuild.toc_chapters())
+def test_chapter_uses_only_names_it_imports_or_assigns(chapter):
+    """Where a name in a chapter comes from is in the chapter: nothing is put into its namespace
+    from outside (papermill's injected cell only repeats the parameters cell's names)."""
+    unbound, unused = unbound_and_unused(_chapter_code(chapter))
+    assert not unbound, f"book/{chapter}.md uses {sorted(unbound)} without importing or assigning them"
+    assert not unused, f"book/{chapter}.md imports {sorted(unused)} and never uses them"
 
 
 # -- the runner's failure modes ------------------------------------------------------------------
@@ -243,7 +291,7 @@ def test_papermill_parameters_are_read_as_yaml(value, depths):
 ])
 def test_bad_parameter_is_one_line_naming_it(name, value, example):
     with pytest.raises(book_plan.ParameterError) as e:
-        book.setup({"profile": "smoke", name: value})
+        book.setup("smoke", **{name: value})
     msg = str(e.value)
     assert "\n" not in msg and f"papermill parameter {name}={value!r}" in msg and example in msg, msg
     assert e.value._render_traceback_() == [f"ParameterError: {msg}"]  # what the notebook shows: one line
@@ -251,7 +299,7 @@ def test_bad_parameter_is_one_line_naming_it(name, value, example):
 
 def test_bad_profile_is_one_line():
     with pytest.raises(book_plan.ParameterError, match=r"profile='nope' .*smoke.*e\.g\. -p profile smoke"):
-        book.setup({"profile": "nope"})
+        book.setup("nope")
 
 
 @pytest.mark.slow  # a real process, a book build or torch.compile
@@ -344,20 +392,26 @@ def test_registry_without_a_repository_is_a_scratch_one(monkeypatch):
     assert "no committed run" in plan.describe()
 
 
-def test_setup_gives_the_chapter_its_names(monkeypatch):
+def test_setup_returns_the_profile_and_its_registry_and_defines_nothing(monkeypatch):
+    from lvae.registry.profiles import Profile
     from lvae.registry.runs import RESULTS_ENV
 
     monkeypatch.delenv(RESULTS_ENV, raising=False)
     monkeypatch.setattr(book_plan, "_registry_set_by_setup", None)
-    ns = {"profile": "cpu", "depths": "[1]", "epochs": None}
-    P = book.setup(ns)
-    assert P.depths == (1,) and os.environ[RESULTS_ENV] == str(ROOT / "results")
-    assert set(book.CHAPTER_NAMES) <= set(ns) and ns["table"] is book.table
+    ns = {"profile": "cpu", "depths": "[1]", "epochs": None, "setup": book.setup}
+    before = dict(ns)
+    exec("P = setup(profile, depths=depths, epochs=epochs)", ns)
+    P = ns.pop("P")
+    ns.pop("__builtins__")
+    assert ns == before and all(ns[k] is before[k] for k in ns)  # the chapter's namespace: only P is new
+    assert isinstance(P, Profile) and P.depths == (1,) and P.epochs == book_plan.load_profile("cpu").epochs
+    assert P.plan.source == "committed" and P.plan.path == ROOT / "results"
+    assert os.environ[RESULTS_ENV] == str(ROOT / "results")
 
 
 def test_registry_table_lists_only_the_runs_given():
     from lvae.registry.runs import Run
-    from lvae.report.analysis import registry_rows
+    from lvae.report.registry_tables import registry_rows
 
     run = Run(ROOT / "results" / "mnist-vae-1-21e2840653")
     assert [r["run"] for r in registry_rows(runs=[run])] == [run.name]
@@ -446,7 +500,7 @@ def _papermill(notebook: Path, out: Path, cwd: Path, pythonpath: Path, *params: 
 def _setup_output(executed: Path) -> str:
     nb = json.loads(executed.read_text())
     for cell in nb["cells"]:
-        if cell["cell_type"] == "code" and "lvae.book.chapter.setup(globals())" in "".join(cell["source"]):
+        if cell["cell_type"] == "code" and "P = setup(profile" in "".join(cell["source"]):
             return "".join("".join(o.get("text", "")) for o in cell.get("outputs", []))
     raise AssertionError("no set-up cell")
 

@@ -9,7 +9,7 @@ import pytest
 
 from lvae.book import plots
 from lvae.registry.profiles import experiment, load_profile
-from lvae.report import analysis, claims, paper
+from lvae.report import budgets, claims, paper, seed_means
 from lvae.training.loop import get_or_train
 from lvae.training.profile_runs import get_run
 
@@ -40,9 +40,9 @@ def milestone_registry(tmp_path, monkeypatch, one_thread):
 def test_a_profile_with_milestones_is_one_budget_per_milestone(milestone_registry):
     root = milestone_registry
     before = sorted(q.name for q in root.iterdir())
-    budgets = analysis.budget_runs(1, dataset="synthetic", root=root)
-    assert list(budgets) == ["tiny, 2 epochs", "tiny, 3 epochs"]
-    at2, at3 = budgets.values()
+    by_budget = budgets.budget_runs(1, dataset="synthetic", root=root)
+    assert list(by_budget) == ["tiny, 2 epochs", "tiny, 3 epochs"]
+    at2, at3 = by_budget.values()
     assert (at2.epoch, at3.epoch, at2.profile.name) == (2, 3, "tiny")
     run = at2[("lvae_bn_wu", 1, 0)]  # the 3-epoch run as it stood at epoch 2
     assert run.epochs == 2 and run.ok and [r["epoch"] for r in run.metrics()] == [1, 2]
@@ -50,21 +50,21 @@ def test_a_profile_with_milestones_is_one_budget_per_milestone(milestone_registr
     # a run that ended before a milestone is not a run of that budget; one never trained is None
     assert at2[("lvae_bn_wu", 1, 1)].ok and at3[("lvae_bn_wu", 1, 1)] is None
     assert at2[("vae_bn_wu", 1, 1)] is None
-    rows = {r["key"]: r for r in analysis.budget_rows(budgets)}
+    rows = {r["key"]: r for r in budgets.budget_rows(by_budget)}
     assert rows[("lvae_bn_wu", 1, "tiny, 2 epochs")]["seeds"] == "2 of 2"
     assert rows[("lvae_bn_wu", 1, "tiny, 3 epochs")]["seeds"] == ("1 of 2", "seed 1: not run")
     assert rows[("lvae_bn_wu", 1, "tiny, 2 epochs")]["epochs"] == "2 (warm-up 1)"
     # the value at a milestone is the run's own row of that epoch
     row2 = next(r for r in get_run("tiny", "lvae_bn_wu", 1, 0, root=root, progress=False).metrics() if r["epoch"] == 2)
-    assert analysis.seed_mean(at2, "lvae_bn_wu", 1, "test_L1", seeds=[0]).value == row2["test_L1"]
-    diffs = {r["profile"]: r for r in analysis.budget_differences(budgets)}
+    assert seed_means.seed_mean(at2, "lvae_bn_wu", 1, "test_L1", seeds=[0]).value == row2["test_L1"]
+    diffs = {r["profile"]: r for r in budgets.budget_differences(by_budget)}
     assert diffs["tiny, 3 epochs"]["epochs"] == 3
     assert sorted(q.name for q in root.iterdir()) == before  # read-only
 
 
 def test_the_claims_read_the_paper_schedule_at_its_first_and_last_milestone(milestone_registry, monkeypatch):
-    budgets = analysis.budget_runs(1, dataset="synthetic", root=milestone_registry)
-    b2, b3 = (claims.budget_of_runs(n, r) for n, r in budgets.items())
+    by_budget = budgets.budget_runs(1, dataset="synthetic", root=milestone_registry)
+    b2, b3 = (claims.budget_of_runs(n, r) for n, r in by_budget.items())
     assert (b2.epoch, b2.seed_term_epoch) == (2, None) and (b3.epoch, b3.seed_term_epoch) == (3, 2)
     assert claims.profiles_with_runs(milestone_registry, ["tiny"], epoch=3) == ["tiny"]
     assert claims.profiles_with_runs(milestone_registry, ["tiny"], epoch=4) == []
@@ -75,12 +75,12 @@ def test_the_claims_read_the_paper_schedule_at_its_first_and_last_milestone(mile
 def test_the_paper_schedule_on_the_committed_runs_shows_its_gap_to_the_paper(monkeypatch):
     """The committed runs of the paper's schedule (seeds 1 and 2 of the pair at 300 epochs)."""
     monkeypatch.setenv("LVAE_RESULTS", str(Path(__file__).resolve().parents[1] / "results"))
-    budgets = analysis.budget_runs(5)
-    assert "paper, 300 epochs" in budgets
-    names = list(budgets)
+    by_budget = budgets.budget_runs(5)
+    assert "paper, 300 epochs" in by_budget
+    names = list(by_budget)
     assert names.index("cpu") < names.index("cpu-long") < names.index("paper, 300 epochs")  # by epochs
-    verdicts = claims.budget_verdicts(budgets)
-    rows = {r["budget"]: r for r in analysis.paper_gap_rows(budgets, verdicts)}
+    verdicts = claims.budget_verdicts(by_budget)
+    rows = {r["budget"]: r for r in budgets.paper_gap_rows(by_budget, verdicts)}
     row = rows["paper, 300 epochs"]
     assert row["step"] == "fp32, compiled" and row["epochs"] == "300 (warm-up 200)"
     l1, said = row["estimates"]["test_L1"].value, verdicts["paper, 300 epochs"]
@@ -94,8 +94,8 @@ def test_the_paper_schedule_on_the_committed_runs_shows_its_gap_to_the_paper(mon
 
 
 def test_the_papers_number_is_marked_on_its_panels(milestone_registry):
-    budgets = analysis.budget_runs(1, dataset="synthetic", root=milestone_registry)
-    curves = analysis.learning_curves(budgets)
+    by_budget = budgets.budget_runs(1, dataset="synthetic", root=milestone_registry)
+    curves = budgets.learning_curves(by_budget)
     fig = plots.learning_curves(curves, marks={"tiny, 3 epochs": [(-40.0, "paper", "lvae_bn_wu")]})
     ax2, ax3 = fig.axes
     assert [tuple(line.get_ydata()) for line in ax3.lines if line.get_label() == "paper"] == [(-40.0, -40.0)]

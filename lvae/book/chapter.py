@@ -1,22 +1,28 @@
 """What a chapter calls: its set-up (profile, parameters, run registry), ``glue`` and tables.
 
-Every chapter opens with the same three cells:
+Every chapter opens with the same three cells, hidden in the HTML (``remove-cell``):
 
 1. the install cell. Where ``lvae`` is not importable (Colab, a fresh Python) it clones the
    repository (``repository.url`` of ``_config.yml``, with its committed runs) and installs it with
    the ``book`` extra; everywhere it then runs :func:`install_extra`, which installs what is
    missing of the ``book`` extra (e.g. ipywidgets where lvae was installed without it);
-2. the papermill ``parameters`` cell: ``profile`` and the overrides of :data:`PARAMETERS`;
-3. ``P = lvae.book.chapter.setup(globals())`` (:func:`setup`): the profile with the parameters applied,
-   the run registry, and the names every chapter uses.
+2. the papermill ``parameters`` cell: ``profile`` and the overrides of
+   :data:`lvae.book.plan.PARAMETERS`, where
+   papermill injects the values it is given;
+3. the set-up cell: the chapter's imports, each name it uses from lvae imported by name (e.g.
+   ``from lvae.book.chapter import glue, setup, table``), then
+   ``P = setup(profile, dataset=dataset, depths=depths, ...)`` (:func:`setup`), every parameter of
+   the parameters cell passed by name. ``P`` is the profile with the parameters applied and the run
+   registry it reads (:class:`lvae.book.plan.ChapterProfile`). Nothing else is defined in the
+   chapter's namespace: a name a chapter uses is one it imports or assigns.
 
-The run registry comes from one rule, :func:`plan_registry`, which :func:`setup` evaluates in
-every kernel: it survives a kernel restart and does not depend on the folder or on an environment
-variable surviving. The committed runs are found in the lvae repository (:func:`repository`: the
-source checkout lvae is imported from, else the folder pip installed it from). A chapter reads them
-there when they hold every run it needs; otherwise it works in a scratch registry under the
-repository's ``_build/`` and says first what it will train. The build itself (``lvae book``) is
-:mod:`lvae.book.build`.
+The run registry comes from one rule, :func:`lvae.book.plan.plan_registry`, which :func:`setup`
+evaluates in every kernel: it survives a kernel restart and does not depend on the folder or on an
+environment variable surviving. The committed runs are found in the lvae repository
+(:func:`lvae.registry.runs.repository`: the source checkout lvae is imported from, else the folder
+pip installed it from). A chapter reads them there when they hold every run it needs; otherwise it
+works in a scratch registry under the repository's ``_build/`` and says first what it will train.
+The build itself (``lvae book``) is :mod:`lvae.book.build`.
 """
 from __future__ import annotations
 
@@ -32,32 +38,23 @@ import sys
 import textwrap
 from typing import Any, Sequence
 
-from lvae.book import plots
-from lvae.book.plan import PARAMETERS, BookError, ParameterError, plan_registry, resolve_profile
-from lvae.report import analysis, paper
-from lvae.training.profile_runs import get_run, grid_runs, seed_runs
-
-CHAPTER_NAMES = ("analysis", "paper", "plots", "glue", "table", "get_run", "grid_runs", "seed_runs")
+from lvae.book.plan import BookError, ChapterProfile, chapter_profile
 
 
-def setup(namespace: dict[str, Any]):
-    """The chapter's set-up cell: ``P = lvae.book.chapter.setup(globals())``. Returns the profile ``P``.
+def setup(profile: str, **parameters: Any) -> ChapterProfile:
+    """The chapter's set-up: ``P = setup(profile, dataset=dataset, depths=depths, ...)``.
 
-    Reads ``profile`` and the chapter parameters (:data:`PARAMETERS`) from ``namespace`` (the
-    notebook's globals, where papermill injects them) and checks them (a bad value is one line
-    naming the parameter, with an example); picks the run registry (:func:`plan_registry`) and
-    prints it, with what will be trained and roughly how long, before anything is; puts the names
-    every chapter uses into ``namespace`` (:data:`CHAPTER_NAMES`); selects inline figures and
-    glues ``budget`` and ``profile`` for the prose.
+    ``profile`` and ``parameters`` (the overrides of :data:`lvae.book.plan.PARAMETERS`; None keeps
+    the profile's value) are the values of the chapter's papermill ``parameters`` cell, passed by
+    name. Checks them (a bad value is one line naming the parameter, with an example); picks the run
+    registry (:func:`lvae.book.plan.plan_registry`), applies it and prints it, with what will be
+    trained and roughly how long, before anything is; selects inline figures and glues ``budget``
+    and ``profile`` for the prose. Returns the profile with the parameters applied and its run
+    registry ``P.plan`` (:class:`lvae.book.plan.ChapterProfile`). It defines no name in the chapter.
     """
-    if "profile" not in namespace:
-        raise ParameterError("the chapter's parameters cell defines no `profile`; add profile = \"cpu\"")
-    params = {k: namespace[k] for k in PARAMETERS if k in namespace}
-    P = resolve_profile(namespace["profile"], **params)
-    plan = plan_registry(P)
-    plan.apply()
-    print(plan.describe())
-    namespace.update({name: globals()[name] for name in CHAPTER_NAMES})
+    P = chapter_profile(profile, **parameters)
+    P.plan.apply()
+    print(P.plan.describe())
     try:
         from IPython import get_ipython
 

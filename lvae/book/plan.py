@@ -6,7 +6,9 @@ both decide before anything runs (no figures, no widgets: the command line impor
 * :func:`plan_registry` -- the one rule that picks the registry: the committed ``results/`` of the
   lvae repository (:func:`lvae.registry.runs.repository`) when they hold every run the chapter
   needs, else a scratch registry under the repository's ``_build/``, with what it will train and
-  an estimate of how long (:class:`RegistryPlan`).
+  an estimate of how long (:class:`RegistryPlan`);
+* :func:`chapter_profile` -- both together: the profile a chapter's set-up returns
+  (:class:`ChapterProfile`, the profile with the parameters applied and its ``plan``).
 """
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ from typing import Any
 import yaml
 
 from lvae.data.datasets import DATASETS
-from lvae.registry.profiles import available, experiment, load_profile
+from lvae.registry.profiles import Profile, available, experiment, load_profile
 from lvae.registry.runs import COMMITTED, RESULTS_ENV, list_runs, repository, stored_run
 from lvae.registry.storage import RunError
-from lvae.report.analysis import short_device
+from lvae.report.run_values import short_device
 
 SCRATCH = "_build"  # scratch registries (git-ignored): <repository>/_build/<profile>-results
 
@@ -38,8 +40,6 @@ PARAMETERS: dict[str, tuple[str, str, str]] = {
     "seed": ("seeds", "an integer >= 0", "1"),
 }
 OVERRIDES = {name: field for name, (field, _, _) in PARAMETERS.items()}
-# the names every chapter uses, put into its namespace by setup(): modules and functions imported
-# above (plain imports, which the import graph and tests/test_structure.py see) or defined here
 # training-set sizes, to scale a committed run's epoch time to a subset (a rough time estimate only)
 _TRAIN_IMAGES = {"mnist": 60_000}
 _TEST_IMAGES = {"mnist": 10_000}
@@ -278,3 +278,19 @@ def plan_registry(P) -> RegistryPlan:
 
 
 # -- the chapter's set-up ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ChapterProfile(Profile):
+    """The profile a chapter runs with: a :class:`lvae.registry.profiles.Profile` with the chapter's
+    parameters applied, and ``plan``, the run registry it reads (:class:`RegistryPlan`). It is a
+    profile: ``P.depths``, ``P.budget()``, ``grid_runs(P)`` work as with any other."""
+
+    plan: RegistryPlan | None = dataclasses.field(default=None, compare=False, repr=False)
+
+
+def chapter_profile(profile: str, **parameters: Any) -> ChapterProfile:
+    """The profile ``profile`` with the chapter parameters ``parameters`` applied (:func:`resolve_profile`:
+    None keeps the profile's value, a bad value raises ParameterError) and its run registry
+    (:func:`plan_registry`), which is not applied yet (:meth:`RegistryPlan.apply`)."""
+    p = resolve_profile(profile, **parameters)
+    fields = {f.name: getattr(p, f.name) for f in dataclasses.fields(Profile)}
+    return ChapterProfile(**fields, plan=plan_registry(p))

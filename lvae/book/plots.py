@@ -37,7 +37,7 @@ def curves_vs_depth(panels: dict[str, dict[str, dict[int, Any]]], paper_marks: d
                     ylabel: str = "nats") -> Figure:
     """One panel per metric (e.g. train L1, test L1, test L5000), one line per variant over depth
     (Figs 3 and 7). A value is a number or an estimate over seeds (``.value`` and ``.estimate``,
-    :class:`lvae.report.analysis.SeedMean`), drawn with its 95 % CI as an error bar where known.
+    :class:`lvae.report.seed_means.SeedMean`), drawn with its 95 % CI as an error bar where known.
     ``paper_marks``: {panel: [(depth, value, label)]} drawn as stars."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.4), squeeze=False)
     for ax, (title, table) in zip(axes[0], panels.items()):
@@ -76,7 +76,7 @@ def learning_curves(curves: dict[str, dict[str, list[dict[str, Any]]]], titles: 
     """Train (full lines) and test (dashed) L1 over epochs, one panel per budget, one colour per
     variant (paper Fig 2). Every seed is a thin line, the mean over the seeds a thick one (over the
     epochs every seed reached); a partial run's lines end where it stopped and its state is in the
-    legend. ``curves``: :func:`lvae.report.analysis.learning_curves`; ``titles``: {budget: panel title};
+    legend. ``curves``: :func:`lvae.report.budgets.learning_curves`; ``titles``: {budget: panel title};
     ``marks``: {budget: [(value, label, variant)]}, horizontal dotted lines (the paper's final numbers)."""
     fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), squeeze=False,
                              sharey=marks is None)
@@ -166,7 +166,7 @@ def kl_lines(epochs: np.ndarray, layers: list[np.ndarray], title: str = "", floo
 
 def layer_kl_bars(splits: dict[str, Sequence[float]]) -> Figure:
     """The test KL split layer-wise (paper Fig 5): one stacked bar per variant, ``splits``: {variant:
-    KL per layer} (e.g. ``layers`` of :func:`lvae.report.analysis.layer_kl`)."""
+    KL per layer} (e.g. ``layers`` of :func:`lvae.report.latent_units.layer_kl`)."""
     fig, ax = plt.subplots(figsize=(1.6 * len(splits) + 2.5, 3.4))
     variants = list(splits)
     depth = max(len(v) for v in splits.values())

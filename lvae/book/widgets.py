@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from lvae.book import plots
-from lvae.report import analysis, probes
+from lvae.report import latent_units, probes
+from lvae.training.step import ACTIVE_UNIT_THRESHOLD
 
 
 @dataclass
@@ -35,7 +36,7 @@ class UnitFrame:
 def unit_frames(run, model, x: torch.Tensor, image_index: int = 0, max_units: int | None = 16,
                 steps: int = 9, label: str = "") -> list[list[UnitFrame]]:
     """Per layer, the panels of its units in order of decreasing final KL (at most ``max_units``)."""
-    epochs, kl = analysis.kl_history(run)
+    epochs, kl = latent_units.kl_history(run)
     means, _ = probes.posterior_means(model, x)
     image_shape = (28, 28) if x.shape[1] == 784 else (int(np.sqrt(x.shape[1])),) * 2
     x0 = x[image_index:image_index + 1]
@@ -47,7 +48,7 @@ def unit_frames(run, model, x: torch.Tensor, image_index: int = 0, max_units: in
             values = probes.traversal_values(means[layer], int(unit), steps)
             imgs = probes.traversal(model, x0, layer, int(unit), values).numpy()
             final = lay_kl[-1, unit]
-            state = "active" if final > analysis.ACTIVE_UNIT_THRESHOLD else "inactive"
+            state = "active" if final > ACTIVE_UNIT_THRESHOLD else "inactive"
             title = (f"{label}: " if label else "") + \
                 f"z{layer + 1}, unit {unit} (rank {rank + 1} by KL; final KL {final:.3g} nats, {state})"
             fig = plots.unit_panel(epochs, lay_kl[:, unit], means[layer][:, unit].numpy(), imgs, values,
@@ -71,10 +72,10 @@ def explorer(models: dict[str, tuple[Any, Any]], x: torch.Tensor, image_index: i
     for label, (run, model) in models.items():
         frames = unit_frames(run, model, x, image_index, max_units, steps, label)
         layer_boxes, layer_names = [], []
-        final_kl = analysis.kl_history(run)[1]
+        final_kl = latent_units.kl_history(run)[1]
         for layer, fr in enumerate(frames):
             n_units = final_kl[layer].shape[1]
-            n_active = int((final_kl[layer][-1] > analysis.ACTIVE_UNIT_THRESHOLD).sum())
+            n_active = int((final_kl[layer][-1] > ACTIVE_UNIT_THRESHOLD).sum())
             panels = [w.VBox([w.HTML(html.escape(f.title)), w.Image(value=f.png, format="png", layout=layout_img)])
                       for f in fr]
             stack = w.Stack(panels, selected_index=0)

@@ -50,7 +50,7 @@ class Profile:
     # with another implementation of the step, e.g. ((("compile", True),),) for the CPU long runs
     also_found: tuple[tuple[tuple[str, Any], ...], ...] = ()
     # epochs on the way (the last: ``epochs``) at which the book reads this profile's runs as budgets of
-    # their own, each run as it stood then (lvae.report.analysis.budget_runs); empty: the profile's epochs only
+    # their own, each run as it stood then (lvae.report.budgets.budget_runs); empty: the profile's epochs only
     milestones: tuple[int, ...] = ()
 
     @property

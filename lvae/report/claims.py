@@ -37,11 +37,11 @@ wholly another's quantity is **counted under another claim** (not in the counts 
 and not reproduced).
 
 A budget is a profile and an epoch (:class:`Budget`): ``evaluate("paper", epoch=300)`` reads every
-run of the profile as it stood at epoch 300 (:class:`lvae.report.analysis.RunAtEpoch`); a claim whose runs
+run of the profile as it stood at epoch 300 (:class:`lvae.report.run_values.RunAtEpoch`); a claim whose runs
 the budget lacks is not run. With one seed, ``seed_term_epoch`` borrows each part's seed term from
 the same part at that epoch (several seeds; the row says so); without it the part is unresolved.
 
-Two models are compared by :func:`lvae.report.analysis.run_contrast`: image by image when every run on
+Two models are compared by :func:`lvae.report.seed_means.run_contrast`: image by image when every run on
 both sides stored per-image values on the same test images, paired on the runs that did when only
 some did, otherwise by an unpaired difference of seed means; the row says which.
 """
@@ -58,11 +58,14 @@ from lvae.registry.experiments import FIG3_VARIANTS, VARIANTS, finetune_config
 from lvae.registry.profiles import Profile, available, experiment, load_profile
 from lvae.registry.runs import COMMITTED, Run, repository, results_dir, stored_run
 from lvae.registry.storage import RunError
-from lvae.report import analysis, paper, stats
-from lvae.report.analysis import (ACTIVE_UNIT_THRESHOLD, active_units, at_epoch, best_lk, best_model, final, history,
-                                  lk_counts, run_active_units, run_contrast, run_kl_units)
+from lvae.report import paper, stats
+from lvae.report.budgets import budget_of, step_text
+from lvae.report.latent_units import run_active_units
+from lvae.report.run_values import at_epoch, best_lk, final, history, lk_counts, profile_runs
+from lvae.report.seed_means import best_model, lk_images, run_contrast
 from lvae.report.stats import Estimate, with_seed_term
 from lvae.training.profile_runs import find_run
+from lvae.training.step import ACTIVE_UNIT_THRESHOLD
 
 # -- verdicts and the rule -----------------------------------------------------------------------
 REPRODUCED = "reproduced"
@@ -488,7 +491,7 @@ class Part:
 def metric_contrast(reg: Registry, terms: Sequence[tuple[float, Any]],
                     metric: str) -> tuple[Estimate | None, str, list[str]]:
     """sum_j w_j * model_j on ``metric`` (test_L1 or test_LK) over the complete runs of ``reg``, paired
-    image by image as far as the runs stored per-image values (:func:`lvae.report.analysis.run_contrast`).
+    image by image as far as the runs stored per-image values (:func:`lvae.report.seed_means.run_contrast`).
 
     Returns (estimate or None when a model has no complete run, how it was computed, notes).
     """
@@ -505,7 +508,7 @@ def metric_contrast(reg: Registry, terms: Sequence[tuple[float, Any]],
 
 def measured_k(runs: Iterable[Run]) -> tuple[int | None, str | None]:
     """The K of the L_K that ``runs`` measured, read from the rows that measured it (each run's final
-    L_K: :func:`lvae.report.analysis.best_lk`), not from the profile. (K, None) when every run with an L_K
+    L_K: :func:`lvae.report.run_values.best_lk`), not from the profile. (K, None) when every run with an L_K
     used the same K (None: no run has one); (None, a note naming each K and its runs) when they differ."""
     ks: dict[int, list[str]] = {}
     for r in runs:
@@ -601,7 +604,7 @@ def _curve_mean(metric: str):
 
 # -- evaluators: claim args -> parts -------------------------------------------------------------
 def _best_vae(reg: Registry, metric: str) -> tuple[Any, str | None]:
-    """Our best bottom-up VAE on ``metric`` (:func:`lvae.report.analysis.best_model`): the highest mean over its
+    """Our best bottom-up VAE on ``metric`` (:func:`lvae.report.seed_means.best_model`): the highest mean over its
     complete seeds, every model's L_K on the same test images (the most that every run has)."""
     runs = {(*spec, i): r for spec in reg.vae_cells() for i, r in enumerate(reg.cell(spec).runs)}
     n = None
@@ -1010,9 +1013,9 @@ class Budget:
         """The budget sentence for captions (:meth:`lvae.registry.profiles.Profile.budget`) at this epoch, with the
         training step and the L_K test images of the runs that reached it (registry ``root``)."""
         p = load_profile(self.profile)
-        runs = [analysis.at_epoch(r, self.epoch) for r in analysis.profile_runs(p, root).values() if r is not None]
+        runs = [at_epoch(r, self.epoch) for r in profile_runs(p, root).values() if r is not None]
         runs = [r for r in runs if r.ok]
-        text = p.budget(self.epoch, analysis.step_text(runs) if runs else None, analysis.lk_images(runs))
+        text = p.budget(self.epoch, step_text(runs) if runs else None, lk_images(runs))
         if self.seed_term_epoch is not None:
             text += (f"; a comparison with one seed takes its seed term from the same comparison at "
                      f"{self.seed_term_epoch} epochs")
@@ -1024,9 +1027,9 @@ PAPER_BUDGETS = (Budget("paper", 300), Budget("paper", 2000, seed_term_epoch=300
 
 
 def budget_of_runs(name: str, runs: dict) -> Budget:
-    """The :class:`Budget` of an entry of :func:`lvae.report.analysis.budget_runs`: a profile at its epochs, or,
+    """The :class:`Budget` of an entry of :func:`lvae.report.budgets.budget_runs`: a profile at its epochs, or,
     for a profile with milestones, at one of them, a one-seed part borrowing its seed term from the first."""
-    p, epoch = analysis.budget_of(name, runs)
+    p, epoch = budget_of(name, runs)
     if not p.milestones:
         return Budget(p.name)
     first = p.milestones[0]
@@ -1036,7 +1039,7 @@ def budget_of_runs(name: str, runs: dict) -> Budget:
 def budget_verdicts(budgets: dict[str, dict], ids: Sequence[str] = ("lvae-L1", "lvae-L5000"),
                     root=None) -> dict[str, dict[str, str]]:
     """{budget name: {claim id: verdict}} of the claims ``ids`` at every budget of
-    :func:`lvae.report.analysis.budget_runs` (for :func:`lvae.report.analysis.paper_gap_rows`)."""
+    :func:`lvae.report.budgets.budget_runs` (for :func:`lvae.report.budgets.paper_gap_rows`)."""
     chosen = [CLAIMS_BY_ID[i] for i in ids]
     out = {}
     for name, runs in budgets.items():

@@ -1,6 +1,7 @@
 """Probes of a trained model for the chapters: posterior means and their PCA, reconstructions, latent
 traversals, the LVAE merge's sharpening, the IW bound as K grows, and the per-unit KL of a run's
-committed weights. Everything here runs the model's own passes (:mod:`lvae.model.network`)."""
+committed weights, on the test images of :func:`test_data`. Everything here runs the model's own
+passes (:mod:`lvae.model.network`)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,12 +9,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from lvae.data.datasets import load_dataset
 from lvae.model.bounds import KL_SAMPLES, iw_bound, kl_per_unit
 from lvae.model.network import HierarchicalVAE
 from lvae.registry.runs import WEIGHTS_FP16
 
-__all__ = ["posterior_means", "pca", "reconstruct", "traversal_values", "traversal", "merge_sharpening", "iw_curve",
-           "has_weights", "kl_units_from_weights"]
+__all__ = ["test_data", "posterior_means", "pca", "reconstruct", "traversal_values", "traversal", "merge_sharpening",
+           "iw_curve", "has_weights", "kl_units_from_weights"]
+
+
+def test_data(profile, n: int | None = None):
+    """The profile's dataset with the first ``n`` test images (labels included)."""
+    return load_dataset(profile.dataset, subset=1, test_subset=n)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """The runs of a profile's grid: read from the registry, and trained when missing (one by one, or
 stacked with :func:`lvae.training.grid.train_grid` when the profile's ``trainer`` is ``grid``). The chapters
-get :func:`get_run`, :func:`grid_runs` and :func:`seed_runs` from :func:`lvae.book.chapter.setup`;
-:func:`find_run` never trains.
+import :func:`get_run`, :func:`grid_runs` and :func:`seed_runs` in their set-up cell; :func:`find_run` never
+trains.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def get_run(profile: Profile | str, variant: str, depth: int, seed: int | None =
     """The finished run of one grid model under ``profile``, trained only if it is missing.
 
     A run that fails (NaN/inf) is returned with status ``failed`` rather than raising, so that a
-    chapter shows it as failed (see :func:`lvae.report.analysis.final`) instead of stopping the book.
+    chapter shows it as failed (see :func:`lvae.report.run_values.final`) instead of stopping the book.
     """
     p = load_profile(profile) if isinstance(profile, str) else profile
     cfg, ecfg = experiment(p, variant, depth, seed, **train_overrides)
