@@ -130,9 +130,17 @@ def _overrides(ns: argparse.Namespace, section: str) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lvae`` parser: its commands train, eval, runs, data and book (``p.commands`` maps each name to its
+    parser, for errors in a command's own terms)."""
     p = argparse.ArgumentParser(prog="lvae", description="Ladder VAE replication: train, evaluate, list runs.")
     sub = p.add_subparsers(dest="command", required=True)
+    p.commands = {"train": _add_train(sub), "eval": _add_eval(sub), "runs": _add_runs(sub), "data": _add_data(sub),
+                  "book": _add_book(sub)}
+    return p
 
+
+def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``lvae train``: one run, or a grid (locally or as cluster jobs), and every config field as an option."""
     t = sub.add_parser("train", help="train (or resume) one run into the registry", usage=TRAIN_USAGE)
     t.add_argument("--variant", choices=sorted(VARIANTS), default="lvae_bn_wu",
                    help="paper variant; sets inference, batch norm and warm-up (fields below override)")
@@ -140,15 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, default=None,
                    help="train until the run has this many epochs (required unless --profile)")
     t.add_argument("--grid", choices=("fig3",), default=None,
-                   help="train the whole Fig-3 grid (4 variants x depths) at once with lvae.training.grid (stacked models)")
+                   help="train the whole Fig-3 grid (4 variants x depths) at once with lvae.training.grid "
+                        "(stacked models)")
     t.add_argument("--depths", default=None, help="with --grid: depths, e.g. 1,2,3 (default: 1-5)")
     t.add_argument("--profile", default=None,
-                   help="budget (epochs, warm-up, evaluation, subset) from lvae/registry/profiles.yml (smoke | cpu | paper): "
-                        "one run, the very run the book's chapters use; with --grid the whole grid")
+                   help="budget (epochs, warm-up, evaluation, subset) from lvae/registry/profiles.yml "
+                        "(smoke | cpu | paper): one run, the very run the book's chapters use; with --grid the whole "
+                        "grid")
     t.add_argument("--name", default=None, help="run name (default: <dataset>-<variant>-<depth>)")
     t.add_argument("--out", default=None, help="results directory (default: $LVAE_RESULTS or ./results)")
     t.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_cluster_options(t)
+    _add_config_options(t)
+    return t
+
+
+def _add_cluster_options(t: argparse.ArgumentParser) -> None:
+    """``lvae train --grid --executor ...``: each group of stacked models as its own submitit job."""
     x = t.add_argument_group("cluster (with --grid; needs pip install -e '.[cluster]')")
     x.add_argument("--executor", choices=EXECUTORS, default=None,
                    help="train each group of stacked models as its own submitit job into the registry: slurm (sbatch) "
@@ -165,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--slurm-account", default=None, metavar="A", help="slurm account")
     x.add_argument("--jobs-dir", default=JOBS_DIR, metavar="DIR",
                    help=f"job scripts and logs (default ./{JOBS_DIR}; for slurm on a file system the nodes see)")
-    _add_config_options(t)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``lvae eval``: evaluate a stored run."""
     e = sub.add_parser("eval", help="evaluate a stored run (L1, per-unit KL, importance-weighted L_K)")
     e.add_argument("run", help="run directory, name or unique prefix")
     e.add_argument("--iw-k", type=_positive_int, default=EvalConfig().iw_k,
@@ -176,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance samples per chunk (default %(default)s)")
     e.add_argument("--out", default=None, help="results directory (default: $LVAE_RESULTS or ./results)")
     e.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    return e
 
+
+def _add_runs(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``lvae runs``: list the registry; ``lvae runs export`` / ``import`` move runs between machines."""
     r = sub.add_parser("runs", help="list the run registry")
     r.add_argument("--out", default=None, help="results directory (default: $LVAE_RESULTS or ./results)")
     r.add_argument("--json", action="store_true")
@@ -202,11 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "$LVAE_RESULTS or ./results)")
     ri.add_argument("--allow-incomplete", action="store_true",
                     help="also import runs that are not complete (partial, interrupted, failed)")
+    return r
 
+
+def _add_data(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``lvae data``: download or verify a dataset."""
     d = sub.add_parser("data", help="download / verify a dataset into the cache ($LVAE_DATA)")
     d.add_argument("dataset", choices=("mnist", "omniglot", "norb"))
     d.add_argument("--path", default=None, help="local file (omniglot chardata.mat, norb .npz)")
+    return d
 
+
+def _add_book(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``lvae book``: execute the book's chapters and build the HTML."""
     b = sub.add_parser("book", help="execute the book's chapters with papermill and build the HTML")
     b.add_argument("--profile", default="cpu", help="budget from lvae/registry/profiles.yml (smoke | cpu | paper)")
     b.add_argument("--chapter", action="append", default=[], help="only this chapter (repeatable; default: all)")
@@ -219,8 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-strict", action="store_true", help="do not turn Sphinx warnings into errors")
     b.add_argument("--sync-notebooks", action="store_true",
                    help="only write book/*.ipynb (Colab) from book/*.md, outputs stripped, and exit")
-    p.commands = {"train": t, "eval": e, "runs": r, "data": d, "book": b}  # for errors in a command's own terms
-    return p
+    return b
 
 
 # -- checks made before any work, in the terms of the options ------------------------------------

@@ -884,6 +884,48 @@ def _check_range(x: torch.Tensor, what: str, source: str) -> None:
         )
 
 
+def _load_parts(
+    key: str, root: Path, local: Path | None, subset: int | None, test_subset: int | None
+) -> dict[str, Any]:
+    """The raw parts of dataset ``key`` from its loader (synthetic data: ``subset`` and ``test_subset`` examples)."""
+    if key == "mnist":
+        return _load_mnist(root, local)
+    if key == "omniglot":
+        return _load_omniglot(root, local)
+    if key == "norb":
+        return _load_norb(root, local)
+    n_train, n_test = _SYNTHETIC_DEFAULT_SIZES
+    return _load_synthetic(subset or n_train, test_subset or n_test)
+
+
+def _train_and_test(
+    key: str, parts: dict[str, Any], subset: int | None, test_subset: int | None, test_seed: int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """The training images and labels and the test images and labels of ``parts``: the images as float32,
+    checked to lie in [0, 1] (both sets before anything is cut), the test images of Bernoulli data binarized
+    once (seed ``test_seed``) before they are cut, then each set cut to its first ``subset`` /
+    ``test_subset`` examples."""
+    source = parts["meta"]["source"]
+    x_train: torch.Tensor = parts["x_train"].to(torch.float32)
+    x_test: torch.Tensor = parts["x_test"].to(torch.float32)
+    _check_range(x_train, "training set", source)
+    _check_range(x_test, "test set", source)
+    if parts["likelihood"] == "bernoulli":
+        x_test = binarize(x_test, seeded_generator("test-binarize", test_seed))
+    x_train, y_train = _first(x_train, parts["y_train"], subset, f"{key} training set")
+    x_test, y_test = _first(x_test, parts["y_test"], test_subset, f"{key} test set")
+    return x_train, y_train, x_test, y_test
+
+
+def _first(
+    x: torch.Tensor, y: torch.Tensor | None, n: int | None, what: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first ``n`` examples ``x`` and labels ``y`` (all of them when ``n`` is None)."""
+    if n is None:
+        return x, y
+    return first_examples(x, n, what), None if y is None else y[:n].clone()
+
+
 def load_dataset(
     name: str,
     *,
@@ -922,32 +964,8 @@ def load_dataset(
     started = time.perf_counter()
     root = _resolve_data_dir(data_dir)
     local = None if path is None else Path(path).expanduser()
-    if key == "mnist":
-        parts = _load_mnist(root, local)
-    elif key == "omniglot":
-        parts = _load_omniglot(root, local)
-    elif key == "norb":
-        parts = _load_norb(root, local)
-    else:
-        n_train, n_test = _SYNTHETIC_DEFAULT_SIZES
-        parts = _load_synthetic(subset or n_train, test_subset or n_test)
-
-    source = parts["meta"]["source"]
-    x_train: torch.Tensor = parts["x_train"].to(torch.float32)
-    x_test: torch.Tensor = parts["x_test"].to(torch.float32)
-    y_train: torch.Tensor | None = parts["y_train"]
-    y_test: torch.Tensor | None = parts["y_test"]
-    _check_range(x_train, "training set", source)
-    _check_range(x_test, "test set", source)
-    if parts["likelihood"] == "bernoulli":
-        x_test = binarize(x_test, seeded_generator("test-binarize", test_seed))
-    if subset is not None:
-        x_train = first_examples(x_train, subset, f"{key} training set")
-        y_train = None if y_train is None else y_train[:subset].clone()
-    if test_subset is not None:
-        x_test = first_examples(x_test, test_subset, f"{key} test set")
-        y_test = None if y_test is None else y_test[:test_subset].clone()
-
+    parts = _load_parts(key, root, local, subset, test_subset)
+    x_train, y_train, x_test, y_test = _train_and_test(key, parts, subset, test_subset, test_seed)
     meta = dict(parts["meta"])
     meta.update(test_seed=test_seed, load_seconds=round(time.perf_counter() - started, 3))
     return ImageData(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -155,43 +156,49 @@ def iw_bound_batched(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk_size
 
         bar = tqdm(total=len(x), desc=f"L_{k}", unit="image", leave=False)
 
-    def batch_noise(n_rows: int) -> list[list[torch.Tensor]]:  # per chunk: eps [n, n_rows, d] in drawing order
-        return [draw_noise(model.config, min(chunk, k - start), n_rows, generator, x.device, x.dtype)
-                for start in range(0, k, chunk)]
-
     def one(xs: torch.Tensor, eps: list[torch.Tensor]) -> torch.Tensor:
         res = iw_bound_chunks(model, xs, k, chunk, NoiseReplay(eps))  # x was checked above, once
         if bar is not None:
             bar.update(len(xs))
         return res
 
-    def tasks():  # (images, their noise), batch after batch; the noise of a batch is drawn when reached
-        for s in range(0, len(x), batch_size):
-            xb = x[s:s + batch_size]
-            noise = batch_noise(len(xb))
-            for j in range(0, len(xb), sub):
-                yield xb[j:j + sub], [e[:, j:j + sub] for per_chunk in noise for e in per_chunk]
-
-    if workers == 1:
-        out = [one(xs, eps) for xs, eps in tasks()]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(workers) as pool:
-                futures = []
-                for xs, eps in tasks():  # at most 4 x workers sub-batches (and their noise) in flight
-                    if len(futures) >= 4 * workers:
-                        futures[len(futures) - 4 * workers].result()
-                    futures.append(pool.submit(one, xs, eps))
-                out = [f.result() for f in futures]
-        finally:
-            torch.set_num_threads(threads)
+    tasks = _iw_tasks(model, x, k, chunk, batch_size, sub, generator)
+    out = [one(xs, eps) for xs, eps in tasks] if workers == 1 else _in_threads(one, tasks, workers)
     if bar is not None:
         bar.close()
     return torch.cat(out)
+
+
+def _iw_tasks(model: HierarchicalVAE, x: torch.Tensor, k: int, chunk: int, batch_size: int, sub: int,
+              generator: torch.Generator | None) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """(images, their noise) of every sub-batch of ``sub`` images, batch after batch of ``batch_size``. The noise
+    of a batch is drawn when the batch is reached, as :func:`iw_bound` draws it: chunk after chunk of ``chunk``
+    samples, eps ``[n, images, d]`` in drawing order."""
+    for s in range(0, len(x), batch_size):
+        xb = x[s:s + batch_size]
+        noise = [draw_noise(model.config, min(chunk, k - start), len(xb), generator, x.device, x.dtype)
+                 for start in range(0, k, chunk)]
+        for j in range(0, len(xb), sub):
+            yield xb[j:j + sub], [e[:, j:j + sub] for per_chunk in noise for e in per_chunk]
+
+
+def _in_threads(fn: Callable[..., torch.Tensor], tasks: Iterable[tuple], workers: int) -> list[torch.Tensor]:
+    """``fn(*task)`` of every task, in order, run by ``workers`` threads of one intra-op thread each; at most
+    4 x workers tasks (and their noise) in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            futures = []
+            for task in tasks:
+                if len(futures) >= 4 * workers:
+                    futures[len(futures) - 4 * workers].result()
+                futures.append(pool.submit(fn, *task))
+            return [f.result() for f in futures]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _iw_log_weights(model: HierarchicalVAE, x: torch.Tensor, up, n: int,

@@ -98,7 +98,8 @@ def milestone_files(run: Run, epoch: int) -> dict[str, bytes]:
     kept = run.path / MILESTONE_WEIGHTS.format(epoch=epoch)
     if not kept.is_file():
         raise ArchiveError(f"{run.name} has no {kept.name} (kept weights of epoch {epoch}): export a milestone the "
-                           f"run went past and kept (lvae.training.campaign keeps 300 and 1,000), or the finished run itself")
+                           f"run went past and kept (lvae.training.campaign keeps 300 and 1,000), or the finished run "
+                           f"itself")
     if load_checkpoint(kept).get("epoch") != epoch:
         raise ArchiveError(f"{run.name}: {kept.name} does not hold the weights of epoch {epoch}; export it again "
                            f"once the run has rewritten it")
@@ -137,43 +138,70 @@ def export_runs(names: Iterable[str | os.PathLike], archive: str | os.PathLike, 
     (:func:`milestone_files`; allowed while it trains, never with its checkpoint). Imported, such a
     run is later replaced by the same run trained further (:func:`import_runs`).
     """
+    archive = _archive_path(archive)
+    runs = _runs_to_export(names, root)
+    if at_epoch is not None and with_checkpoint:
+        raise ArchiveError("a milestone (--at-epoch) is exported without its checkpoint, which holds a later epoch; "
+                           "leave out --with-checkpoint")
+    entries, payloads = [], []
+    now = int(datetime.now().timestamp())
+    for run in runs:
+        entry, members = _export_run(run, with_checkpoint, at_epoch, now)
+        entries.append(entry)
+        payloads += members
+    manifest = {"lvae_archive": ARCHIVE_FORMAT, "lvae_version": __version__, "lvae_format": FORMAT_VERSION,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **git_commit(),
+                "with_checkpoint": with_checkpoint, "runs": entries}
+    _write_archive(archive, manifest, payloads)
+    return manifest
+
+
+def _archive_path(archive: str | os.PathLike) -> Path:
+    """The archive file to write; refuses an empty name, a folder, and a folder that cannot be written to (before
+    any run is read)."""
     if not str(archive).strip():
         raise ArchiveError("the archive name is empty; give the file to write, e.g. -o runs.tar")
     archive = Path(archive)
     if archive.is_dir():
         raise ArchiveError(f"{archive} is a folder; give the archive file to write, e.g. -o {archive / 'runs.tar'}")
     check_writable(archive.parent, "give -o a file in an existing, writable folder")  # before reading any run
+    return archive
+
+
+def _runs_to_export(names: Iterable[str | os.PathLike], root: str | os.PathLike | None) -> list[Run]:
+    """The runs ``names`` of registry ``root``, each once, in the order first named; refuses none."""
     runs: dict[Path, Run] = {}
     for name in names:
         run = open_run(name, root)
         runs.setdefault(run.path.resolve(), run)
     if not runs:
         raise ArchiveError("no runs to export; name at least one (list them with `lvae runs`)")
-    if at_epoch is not None and with_checkpoint:
-        raise ArchiveError("a milestone (--at-epoch) is exported without its checkpoint, which holds a later epoch; "
-                           "leave out --with-checkpoint")
-    entries, payloads = [], []
-    now = int(datetime.now().timestamp())
-    for run in runs.values():
-        if at_epoch is None:
-            _check_exportable(run, with_checkpoint)
-            contents = [(p.name, p.read_bytes(), int(p.stat().st_mtime)) for p in run_files(run, with_checkpoint)]
-            status, epochs, prov = run.status, run.epochs, run.provenance
-        else:
-            if run.config.dir_name != run.name or run.status == "damaged":
-                _check_exportable(run, False)
-            snapshot = milestone_files(run, at_epoch)
-            contents = [(name, data, now) for name, data in sorted(snapshot.items())]
-            status, epochs, prov = "complete", at_epoch, json.loads(snapshot["provenance.json"])
-        files = {}
-        for name, data, mtime in contents:
-            files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            payloads.append((f"{run.name}/{name}", data, mtime))
-        entries.append({"name": run.name, "key": run.config.key, "status": status, "epochs": epochs,
-                        "provenance": prov, "files": files})
-    manifest = {"lvae_archive": ARCHIVE_FORMAT, "lvae_version": __version__, "lvae_format": FORMAT_VERSION,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **git_commit(),
-                "with_checkpoint": with_checkpoint, "runs": entries}
+    return list(runs.values())
+
+
+def _export_run(run: Run, with_checkpoint: bool, at_epoch: int | None,
+                now: int) -> tuple[dict[str, Any], list[tuple[str, bytes, int]]]:
+    """The manifest entry of ``run`` and its archive members (name, bytes, mtime): its files
+    (:func:`run_files`), or with ``at_epoch`` those of its milestone (:func:`milestone_files`, dated ``now``)."""
+    if at_epoch is None:
+        _check_exportable(run, with_checkpoint)
+        contents = [(p.name, p.read_bytes(), int(p.stat().st_mtime)) for p in run_files(run, with_checkpoint)]
+        status, epochs, prov = run.status, run.epochs, run.provenance
+    else:
+        if run.config.dir_name != run.name or run.status == "damaged":
+            _check_exportable(run, False)
+        snapshot = milestone_files(run, at_epoch)
+        contents = [(name, data, now) for name, data in sorted(snapshot.items())]
+        status, epochs, prov = "complete", at_epoch, json.loads(snapshot["provenance.json"])
+    files = {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data, _ in contents}
+    entry = {"name": run.name, "key": run.config.key, "status": status, "epochs": epochs, "provenance": prov,
+             "files": files}
+    return entry, [(f"{run.name}/{name}", data, mtime) for name, data, mtime in contents]
+
+
+def _write_archive(archive: Path, manifest: dict[str, Any], payloads: list[tuple[str, bytes, int]]) -> None:
+    """Write ``manifest.json`` and the ``payloads`` (member name, bytes, mtime) into the tar file ``archive``
+    (gzip-compressed for .tar.gz / .tgz): into a temp file, synced, then renamed into place."""
     blob = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     mode = "w:gz" if archive.name.endswith((".tar.gz", ".tgz")) else "w"
     tmp = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
@@ -194,7 +222,6 @@ def export_runs(names: Iterable[str | os.PathLike], archive: str | os.PathLike, 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return manifest
 
 
 # -- import --------------------------------------------------------------------------------------

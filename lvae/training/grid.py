@@ -28,6 +28,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -37,7 +38,7 @@ from lvae.data import batches
 from lvae.data.datasets import load_dataset
 from lvae.registry.runs import Run, check_run_name, results_dir, stored_run
 from lvae.registry.storage import run_lock
-from lvae.training.loop import get_or_train, open_member, train_stack
+from lvae.training.loop import Member, get_or_train, open_member, train_stack
 from lvae.training.step import NonFiniteLossError, check_precision, default_device
 
 # TrainConfig fields that may differ inside one stacked group (everything else must agree)
@@ -46,7 +47,8 @@ _PER_MODEL_FIELDS = ("seed", "warmup_epochs")
 
 def group_key(cfg: RunConfig) -> str:
     """Configurations with equal keys can be stacked into one vmapped group."""
-    train = {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train) if f.name not in _PER_MODEL_FIELDS}
+    train = {f.name: getattr(cfg.train, f.name) for f in dataclasses.fields(cfg.train)
+             if f.name not in _PER_MODEL_FIELDS}
     return json.dumps({"model": dataclasses.asdict(cfg.model), "train": train}, sort_keys=True, default=str)
 
 
@@ -75,60 +77,86 @@ def train_grid(configs: Sequence[RunConfig], epochs: int, eval_config: EvalConfi
     if epochs < 1:
         raise ValueError(f"epochs={epochs} must be >= 1")
     configs = list(configs)
-    ecfgs = list(eval_config) if isinstance(eval_config, (list, tuple)) else [eval_config or EvalConfig()] * len(configs)
+    ecfgs = (list(eval_config) if isinstance(eval_config, (list, tuple))
+             else [eval_config or EvalConfig()] * len(configs))
     fp16 = list(save_fp16) if isinstance(save_fp16, (list, tuple)) else [save_fp16] * len(configs)
     base = results_dir(root)
     dev = torch.device(device) if device is not None else default_device()
     log = log or (lambda s: print(s, file=sys.stderr) if progress else None)
-
-    todo, done, errors = [], {}, []
     for cfg in configs:  # before any run directory is created
         check_run_name(cfg.name)
-    for i, cfg in enumerate(configs):
-        path = base / cfg.dir_name
-        run = stored_run(path)
+
+    done, errors = {}, []
+    for i, cfg in enumerate(configs):  # the complete runs, and the finetuned ones trained one by one
+        run = stored_run(base / cfg.dir_name)
         if run is not None and run.epochs >= epochs and run.status == "complete":
             done[i] = run
-            continue
-        if cfg.train.init_from:
-            try:
-                done[i] = get_or_train(cfg, epochs, ecfgs[i], root=base, device=dev, progress=progress,
-                                       save_fp16=fp16[i], data=data, stop_after=stop_after, cuda_graph=cuda_graph)
-            except NonFiniteLossError as e:
-                errors.append(e)
-                done[i] = Run(path)
-            continue
-        todo.append(i)
+        elif cfg.train.init_from:
+            done[i] = _finetune(cfg, epochs, ecfgs[i], base, dev, fp16[i], data, errors,
+                                progress=progress, stop_after=stop_after, cuda_graph=cuda_graph)
+    todo = [i for i in range(len(configs)) if i not in done]
     for i in todo:  # before any run directory is created
         check_precision(configs[i].train, dev)
 
+    options = dict(progress=progress, stop_after=stop_after, checkpoint_every=checkpoint_every, compile=compile,
+                   cuda_graph=cuda_graph, log=log)
+    for (dataset, subset, test_seed, test_subset), idx in _by_data(configs, ecfgs, todo).items():
+        d = data if data is not None else load_dataset(dataset, subset=subset, test_subset=test_subset,
+                                                       test_seed=test_seed)
+        for group in _groups(configs, ecfgs, idx):
+            errors += _train_group([configs[i] for i in group], [ecfgs[i] for i in group], [fp16[i] for i in group],
+                                   epochs, d, base, dev, **options)
+            done.update((i, Run(base / configs[i].dir_name)) for i in group)
+    if errors:
+        raise errors[0]
+    return [done[i] for i in range(len(configs))]
+
+
+def _finetune(cfg: RunConfig, epochs: int, ecfg: EvalConfig, base: Path, dev: torch.device, save_fp16: bool,
+              data: batches.ImageData | None, errors: list[NonFiniteLossError], **options) -> Run:
+    """The run of ``cfg`` (with ``init_from``) trained on its own by :func:`lvae.training.loop.get_or_train`; a
+    divergence is added to ``errors``."""
+    try:
+        return get_or_train(cfg, epochs, ecfg, root=base, device=dev, save_fp16=save_fp16, data=data, **options)
+    except NonFiniteLossError as e:
+        errors.append(e)
+        return Run(base / cfg.dir_name)
+
+
+def _by_data(configs: list[RunConfig], ecfgs: list[EvalConfig], todo: list[int]) -> dict[tuple, list[int]]:
+    """The runs ``todo`` (indices) by the data they train and are evaluated on: (dataset, subset, test_seed,
+    test_subset)."""
     by_data: dict[tuple, list[int]] = {}
     for i in todo:
         t = configs[i].train
         by_data.setdefault((t.dataset, t.subset, t.test_seed, ecfgs[i].test_subset), []).append(i)
-    for (dataset, subset, test_seed, test_subset), idx in by_data.items():
-        d = data if data is not None else load_dataset(dataset, subset=subset, test_subset=test_subset,
-                                                       test_seed=test_seed)
-        groups: dict[str, list[int]] = {}
-        for i in idx:
-            groups.setdefault(group_key(configs[i]) + f"|{ecfgs[i]}", []).append(i)
-        for members in groups.values():
-            with contextlib.ExitStack() as stack:
-                for i in members:
-                    stack.enter_context(run_lock(base / configs[i].dir_name))
-                opened = [open_member(configs[i], ecfgs[i], base, dev, fp16[i], d, cuda_graph, compile)
-                          for i in members]
-                by_start: dict[int, list[int]] = {}
-                for j, m in enumerate(opened):
-                    by_start.setdefault(m.state.start, []).append(j)
-                for _, js in sorted(by_start.items()):
-                    try:
-                        train_stack([opened[j] for j in js], epochs, ecfgs[members[0]], d, dev, progress=progress,
-                                    stop_after=stop_after, checkpoint_every=checkpoint_every, compile=compile,
-                                    cuda_graph=cuda_graph, log=log)
-                    except NonFiniteLossError as e:
-                        errors.append(e)
-            done.update((i, Run(base / configs[i].dir_name)) for i in members)
-    if errors:
-        raise errors[0]
-    return [done[i] for i in range(len(configs))]
+    return by_data
+
+
+def _groups(configs: list[RunConfig], ecfgs: list[EvalConfig], idx: list[int]) -> list[list[int]]:
+    """The runs ``idx`` (indices) by group (:func:`group_key`) and evaluation."""
+    groups: dict[str, list[int]] = {}
+    for i in idx:
+        groups.setdefault(group_key(configs[i]) + f"|{ecfgs[i]}", []).append(i)
+    return list(groups.values())
+
+
+def _train_group(configs: list[RunConfig], ecfgs: list[EvalConfig], fp16: list[bool], epochs: int,
+                 data: batches.ImageData, base: Path, dev: torch.device, **options) -> list[NonFiniteLossError]:
+    """Train one group: its run directories locked and opened, then one stack per epoch they stand at
+    (:func:`lvae.training.loop.train_stack`); returns the stacks' divergences."""
+    errors = []
+    with contextlib.ExitStack() as locks:
+        for cfg in configs:
+            locks.enter_context(run_lock(base / cfg.dir_name))
+        opened = [open_member(cfg, ecfg, base, dev, f, data, options["cuda_graph"], options["compile"])
+                  for cfg, ecfg, f in zip(configs, ecfgs, fp16)]
+        by_start: dict[int, list[Member]] = {}
+        for m in opened:
+            by_start.setdefault(m.state.start, []).append(m)
+        for _, members in sorted(by_start.items()):
+            try:
+                train_stack(members, epochs, ecfgs[0], data, dev, **options)
+            except NonFiniteLossError as e:
+                errors.append(e)
+    return errors

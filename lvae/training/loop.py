@@ -382,7 +382,8 @@ def graphed(cuda_graph: bool, device: torch.device, compile: bool) -> bool:
 
 def open_member(config: RunConfig, ecfg: EvalConfig, base: Path, dev: torch.device, save_fp16: bool,
                 data: batches.ImageData, cuda_graph: bool = True, compile: bool = False) -> Member:
-    """Open the (locked) run directory of ``config`` for training (:func:`lvae.training.checkpoints.open_for_training`)."""
+    """Open the (locked) run directory of ``config`` for training
+    (:func:`lvae.training.checkpoints.open_for_training`)."""
     tcfg, mcfg = config.train, config.model
     if data.x_dim != mcfg.x_dim or data.likelihood != mcfg.likelihood:
         raise ConfigError(f"dataset {tcfg.dataset!r} has x_dim={data.x_dim}, likelihood={data.likelihood!r} but "
@@ -402,6 +403,46 @@ def make_stepper(members: Sequence[Member], dev: torch.device, compile: bool = F
                        [m.state.optimizer for m in members], compile, cuda_graph)
 
 
+class Stack:
+    """The members of a stack still training and their :class:`Stepper`, rebuilt when members leave."""
+
+    def __init__(self, members: Sequence[Member], dev: torch.device, compile: bool, cuda_graph: bool):
+        self.active = list(members)
+        self.tcfg = self.active[0].config.train  # the protocol (learning-rate schedule) of the whole stack
+        self.dev, self.compile, self.cuda_graph = dev, compile, cuda_graph
+        self.stepper = make_stepper(self.active, dev, compile, cuda_graph)
+
+    @property
+    def configs(self) -> list[RunConfig]:
+        """The active members' configurations: whose inputs the prefetch prepares."""
+        return [m.config for m in self.active]
+
+    def drop(self, bad: set[int]) -> None:
+        """The members ``bad`` (indices into ``active``) leave; the step is rebuilt from the survivors' current
+        weights and Adam states."""
+        survivors = [m for i, m in enumerate(self.active) if i not in bad]
+        if survivors:
+            for i, m in enumerate(self.active):
+                if i not in bad:
+                    m.state.optimizer = self.stepper.optimizer_of(i)
+            self.stepper = make_stepper(survivors, self.dev, self.compile, self.cuda_graph)
+        self.active = survivors
+
+
+@dataclass
+class EpochEnd:
+    """One epoch of a stack at its host sync, and what is due after it."""
+
+    epoch: int  # 0-based: epoch + 1 epochs are done
+    lr: float
+    betas: list[float]  # of the active members
+    losses: torch.Tensor  # [steps, M], on the host
+    finite: torch.Tensor  # [M] bool: whether each member's parameters are all finite
+    seconds: float  # from the epoch's start to the host sync
+    evaluated: bool  # an evaluation is due
+    checkpointed: bool  # a checkpoint is due
+
+
 def train_stack(members: Sequence[Member], epochs: int, ecfg: EvalConfig, data: batches.ImageData,
                 dev: torch.device, *, progress: bool = True, stop_after: int | None = None,
                 checkpoint_every: int | None = 1, compile: bool = False, cuda_graph: bool = True,
@@ -418,115 +459,178 @@ def train_stack(members: Sequence[Member], epochs: int, ecfg: EvalConfig, data: 
     done, and DiskFullError at once (every member ``failed``, resumable once there is space).
     """
     members = list(members)
-    tcfg = members[0].config.train
-    start = members[0].state.start
-    if any(m.state.start != start for m in members):
-        raise ValueError("train_stack: the members stand at different epochs; stack those at one epoch")
-    check_precision(tcfg, dev)
-    end = epochs if stop_after is None else min(epochs, start + stop_after)
-    extra = {"trainer": f"lvae.training.grid ({len(members)} stacked)"} if len(members) > 1 else {}
-    for m in members:
-        mark_running(m.path, m.state.prov, m.config.train.seed, dev, start, epochs, **extra)
-        m.history = read_jsonl(m.path / "metrics.jsonl")
-        m.sane_epoch = keep_as_sane(m.path, start) if (m.path / CHECKPOINT).exists() else None
+    start, end = _epoch_range(members, epochs, stop_after, dev)
+    _start_session(members, dev, start, epochs)
     if log is not None and len(members) > 1:
-        log(f"lvae.training.grid: {len(members)} model(s) {[m.config.name for m in members]} epochs {start}->{end} on {dev}")
-    n_batches = batches.num_batches(len(data.x_train), tcfg.batch_size)
-    desc = members[0].path.name if len(members) == 1 else f"grid[{len(members)}] {members[0].config.name}"
-    bar = tqdm(total=(end - start) * n_batches, desc=desc, unit="step", disable=not progress, leave=False)
-    active = list(members)
-    stepper = make_stepper(active, dev, compile, cuda_graph)
-    pool = ThreadPoolExecutor(max_workers=1)
-    configs = [m.config for m in members]  # whose inputs the prefetch prepares
+        log(f"lvae.training.grid: {len(members)} model(s) {[m.config.name for m in members]} "
+            f"epochs {start}->{end} on {dev}")
+    bar = _progress_bar(members, data, end - start, progress)
+    stack = Stack(members, dev, compile, cuda_graph)
+    pool = ThreadPoolExecutor(max_workers=1)  # prepares the next epoch's inputs
     try:
-        nxt = pool.submit(epoch_inputs, data, start, configs, dev) if start < end else None
-        for epoch in range(start, end):
-            t0 = time.perf_counter()
-            inputs = nxt.result()
-            lr = learning_rate(epoch, tcfg)
-            betas = [warmup_beta(epoch, m.config.train.warmup_epochs) for m in active]
-            names = [m.config.dir_name for m in active]
-            if inputs.names != names:  # members left the stack since these inputs were prepared
-                inputs = inputs.select(names)
-            stepper.set_epoch(betas, lr)
-            # a due capture first, then the next epoch's prefetch: no other thread may use the device meanwhile
-            stepper.prepare(inputs.batch(0), inputs.eps[0])
-            nxt = pool.submit(epoch_inputs, data, epoch + 1, configs, dev) if epoch + 1 < end else None
-            losses = run_epoch(stepper, inputs, bar).float().cpu()  # [steps, M]: the epoch's one host sync
-            finite = stepper.finite().cpu()
-            seconds = time.perf_counter() - t0
-            done = epoch + 1
-            failed = [(i, _non_finite_error(stepper, i, losses[:, i], bool(finite[i]), epoch, lr))
-                      for i in range(len(active))]
-            failed = [(i, e) for i, e in failed if e is not None]
-            evaluated = done % ecfg.every == 0 or done == epochs
-            ckpt = evaluated or done == end or bool(checkpoint_every and done % checkpoint_every == 0)
-            if evaluated or ckpt or failed:
-                stepper.sync_to_models()
-            for i, m in enumerate(active):
-                if any(i == j for j, _ in failed):
-                    continue
-                m.state.pending.append(float(losses[:, i].mean()))
-                if evaluated:
-                    problem = _evaluate(m, data, ecfg, epoch, epochs, betas[i], lr, seconds / len(active),
-                                        len(active), dev)
-                    if problem is not None:
-                        failed.append((i, problem))
-                        continue
-                if ckpt:
-                    save_checkpoint(m.path, m.state.model, stepper.optimizer_of(i), done, m.state.pending,
-                                    m.save_fp16)
-                    if evaluated:
-                        m.sane_epoch = keep_as_sane(m.path, done)
-            if evaluated:
-                stepper.sync_buffers_from_models()  # evaluation recomputed the BN statistics in place
-            seconds = time.perf_counter() - t0
-            bad = {i for i, _ in failed}
-            for i, m in enumerate(active):
-                if i in bad:
-                    continue
-                prov = m.state.prov
-                prov["wall_seconds"] += seconds / len(active)
-                if ckpt:
-                    prov.update({"epochs": done, "metrics_rows": len(m.history)})
-                    atomic_write_json(m.path / "provenance.json", prov)
-            for i, error in sorted(failed):
-                _fail(active[i], error)
-            if failed:
-                survivors = [m for i, m in enumerate(active) if i not in bad]
-                if survivors:  # rebuilt from the survivors' current weights and Adam states
-                    for i, m in enumerate(active):
-                        if i not in bad:
-                            m.state.optimizer = stepper.optimizer_of(i)
-                    stepper = make_stepper(survivors, dev, compile, cuda_graph)
-                active, configs = survivors, [m.config for m in survivors]
-                if not active:
-                    break
-            bar.set_postfix(epoch=done, loss=f"{float(losses[:, 0].mean()):.2f}", beta=f"{betas[0]:.2f}")
+        _train_epochs(stack, start, end, epochs, ecfg, data, checkpoint_every, pool, bar)
     except DiskFullError as e:
-        for m in active:
-            (m.path / SANE_CHECKPOINT).unlink(missing_ok=True)  # frees its space
-            m.state.prov.update({"status": "failed", "error": str(e), "finished": _now()})
-            with contextlib.suppress(OSError, RunError):  # the disk may be too full for this one, too
-                atomic_write_json(m.path / "provenance.json", m.state.prov)
+        _fail_for_disk_full(stack.active, e)
         raise
     finally:
         bar.close()
         pool.shutdown(wait=True, cancel_futures=True)
         for m in members:
             (m.path / SANE_CHECKPOINT).unlink(missing_ok=True)
+    _finish_session(stack.active, epochs)
+    _raise_failures(members)
+    return [Run(m.path) for m in members]
+
+
+def _epoch_range(members: list[Member], epochs: int, stop_after: int | None, dev: torch.device) -> tuple[int, int]:
+    """The epochs the stack starts at and ends at; refuses members at different epochs and a precision ``dev``
+    lacks (:func:`lvae.training.step.check_precision`)."""
+    start = members[0].state.start
+    if any(m.state.start != start for m in members):
+        raise ValueError("train_stack: the members stand at different epochs; stack those at one epoch")
+    check_precision(members[0].config.train, dev)
+    return start, epochs if stop_after is None else min(epochs, start + stop_after)
+
+
+def _start_session(members: list[Member], dev: torch.device, start: int, epochs: int) -> None:
+    """Mark each member running, read its evaluations and keep its checkpoint as the sane one to roll back to."""
+    extra = {"trainer": f"lvae.training.grid ({len(members)} stacked)"} if len(members) > 1 else {}
+    for m in members:
+        mark_running(m.path, m.state.prov, m.config.train.seed, dev, start, epochs, **extra)
+        m.history = read_jsonl(m.path / "metrics.jsonl")
+        m.sane_epoch = keep_as_sane(m.path, start) if (m.path / CHECKPOINT).exists() else None
+
+
+def _progress_bar(members: list[Member], data: batches.ImageData, epochs: int, progress: bool) -> tqdm:
+    """The bar of the steps of ``epochs`` epochs, named by the run (or the grid's size and first run)."""
+    n_batches = batches.num_batches(len(data.x_train), members[0].config.train.batch_size)
+    desc = members[0].path.name if len(members) == 1 else f"grid[{len(members)}] {members[0].config.name}"
+    return tqdm(total=epochs * n_batches, desc=desc, unit="step", disable=not progress, leave=False)
+
+
+def _train_epochs(stack: Stack, start: int, end: int, epochs: int, ecfg: EvalConfig, data: batches.ImageData,
+                  checkpoint_every: int | None, pool: ThreadPoolExecutor, bar: tqdm) -> None:
+    """Epochs ``start`` to ``end`` of ``stack``, each one's inputs prepared by ``pool`` while the one before trains:
+    set up the epoch, run its steps, check them at the host sync, evaluate and checkpoint what is due, then roll
+    back the members that failed. Stops early when none is left."""
+    nxt = pool.submit(epoch_inputs, data, start, stack.configs, stack.dev) if start < end else None
+    for epoch in range(start, end):
+        t0 = time.perf_counter()
+        inputs, lr, betas = _set_up_epoch(stack, nxt.result(), epoch)
+        nxt = pool.submit(epoch_inputs, data, epoch + 1, stack.configs, stack.dev) if epoch + 1 < end else None
+        losses = run_epoch(stack.stepper, inputs, bar).float().cpu()  # [steps, M]: the epoch's one host sync
+        finite = stack.stepper.finite().cpu()
+        seconds = time.perf_counter() - t0
+        ep = EpochEnd(epoch, lr, betas, losses, finite, seconds, *_due(epoch + 1, end, epochs, ecfg, checkpoint_every))
+        failed = _non_finite_errors(stack.stepper, ep)
+        if ep.evaluated or ep.checkpointed or failed:
+            stack.stepper.sync_to_models()
+        failed += _evaluate_and_save(stack, ep, {i for i, _ in failed}, ecfg, data, epochs)
+        if ep.evaluated:
+            stack.stepper.sync_buffers_from_models()  # evaluation recomputed the BN statistics in place
+        _record_time(stack.active, {i for i, _ in failed}, time.perf_counter() - t0, ep)
+        _drop_failed(stack, failed)
+        if not stack.active:
+            break
+        bar.set_postfix(epoch=epoch + 1, loss=f"{float(losses[:, 0].mean()):.2f}", beta=f"{betas[0]:.2f}")
+
+
+def _set_up_epoch(stack: Stack, inputs: EpochInputs, epoch: int) -> tuple[EpochInputs, float, list[float]]:
+    """The inputs of ``epoch`` (of the members still in the stack), its learning rate and betas, set in the step; a
+    due capture is made here, before the caller hands the next epoch to the prefetch: no other thread may use the
+    device meanwhile."""
+    lr = learning_rate(epoch, stack.tcfg)
+    betas = [warmup_beta(epoch, m.config.train.warmup_epochs) for m in stack.active]
+    names = [m.config.dir_name for m in stack.active]
+    if inputs.names != names:  # members left the stack since these inputs were prepared
+        inputs = inputs.select(names)
+    stack.stepper.set_epoch(betas, lr)
+    stack.stepper.prepare(inputs.batch(0), inputs.eps[0])
+    return inputs, lr, betas
+
+
+def _due(done: int, end: int, epochs: int, ecfg: EvalConfig, checkpoint_every: int | None) -> tuple[bool, bool]:
+    """Whether an evaluation and a checkpoint are due after ``done`` epochs: evaluations every ``ecfg.every``
+    epochs and at the last, checkpoints at evaluations, every ``checkpoint_every`` epochs and at ``end``."""
+    evaluated = done % ecfg.every == 0 or done == epochs
+    return evaluated, evaluated or done == end or bool(checkpoint_every and done % checkpoint_every == 0)
+
+
+def _non_finite_errors(stepper: Stepper, ep: EpochEnd) -> list[tuple[int, NonFiniteLossError]]:
+    """The members (indices) whose step losses or parameters are not finite after the epoch, with their errors."""
+    errors = [(i, _non_finite_error(stepper, i, ep.losses[:, i], bool(ep.finite[i]), ep.epoch, ep.lr))
+              for i in range(len(ep.finite))]
+    return [(i, e) for i, e in errors if e is not None]
+
+
+def _evaluate_and_save(stack: Stack, ep: EpochEnd, bad: set[int], ecfg: EvalConfig, data: batches.ImageData,
+                       epochs: int) -> list[tuple[int, DivergedError]]:
+    """Each member not in ``bad``: its mean loss kept for its next row, its evaluation if due, then its checkpoint if
+    due (the sane one to roll back to when evaluated). Returns the members whose evaluation is not sane."""
+    failed, done, n = [], ep.epoch + 1, len(stack.active)
+    for i, m in enumerate(stack.active):
+        if i in bad:
+            continue
+        m.state.pending.append(float(ep.losses[:, i].mean()))
+        if ep.evaluated:
+            problem = _evaluate(m, data, ecfg, ep.epoch, epochs, ep.betas[i], ep.lr, ep.seconds / n, n, stack.dev)
+            if problem is not None:
+                failed.append((i, problem))
+                continue
+        if ep.checkpointed:
+            save_checkpoint(m.path, m.state.model, stack.stepper.optimizer_of(i), done, m.state.pending, m.save_fp16)
+            if ep.evaluated:
+                m.sane_epoch = keep_as_sane(m.path, done)
+    return failed
+
+
+def _record_time(active: list[Member], bad: set[int], seconds: float, ep: EpochEnd) -> None:
+    """Each member not in ``bad``: its share of the epoch's wall time, and at a checkpoint its provenance written."""
+    for i, m in enumerate(active):
+        if i in bad:
+            continue
+        prov = m.state.prov
+        prov["wall_seconds"] += seconds / len(active)
+        if ep.checkpointed:
+            prov.update({"epochs": ep.epoch + 1, "metrics_rows": len(m.history)})
+            atomic_write_json(m.path / "provenance.json", prov)
+
+
+def _drop_failed(stack: Stack, failed: list[tuple[int, NonFiniteLossError]]) -> None:
+    """Roll each failed member back and mark it failed (:func:`_fail`); the others go on as a new stack."""
+    for i, error in sorted(failed):
+        _fail(stack.active[i], error)
+    if failed:
+        stack.drop({i for i, _ in failed})
+
+
+def _fail_for_disk_full(active: list[Member], error: DiskFullError) -> None:
+    """Mark every active member failed on a full disk (resumable once there is space)."""
+    for m in active:
+        (m.path / SANE_CHECKPOINT).unlink(missing_ok=True)  # frees its space
+        m.state.prov.update({"status": "failed", "error": str(error), "finished": _now()})
+        with contextlib.suppress(OSError, RunError):  # the disk may be too full for this one, too
+            atomic_write_json(m.path / "provenance.json", m.state.prov)
+
+
+def _finish_session(active: list[Member], epochs: int) -> None:
+    """Mark each member that trained to the end complete (all ``epochs`` done) or partial."""
     for m in active:
         prov = m.state.prov
         prov.update({"status": "complete" if prov["epochs"] >= epochs else "partial", "finished": _now()})
         prov.pop("error", None)
         atomic_write_json(m.path / "provenance.json", prov)
+
+
+def _raise_failures(members: list[Member]) -> None:
+    """Raise the first member's failure, naming the others that failed too."""
     failed = [m for m in members if m.error is not None]
-    if failed:
-        if len(members) == 1:
-            raise failed[0].error
-        others = f" (also failed: {', '.join(m.config.name for m in failed[1:])})" if len(failed) > 1 else ""
-        raise type(failed[0].error)(f"{failed[0].config.name}: {failed[0].error}{others}")
-    return [Run(m.path) for m in members]
+    if not failed:
+        return
+    if len(members) == 1:
+        raise failed[0].error
+    others = f" (also failed: {', '.join(m.config.name for m in failed[1:])})" if len(failed) > 1 else ""
+    raise type(failed[0].error)(f"{failed[0].config.name}: {failed[0].error}{others}")
 
 
 def _non_finite_error(stepper: Stepper, i: int, losses: torch.Tensor, finite: bool, epoch: int,
