@@ -4,8 +4,9 @@ import pytest
 
 from lvae.book.chapter import glue
 from lvae.book.plan import BookError
+from lvae.registry.storage import short_device
 from lvae.report.registry_tables import registry_rows
-from lvae.report.run_values import best_lk, short_device
+from lvae.report.run_values import best_lk
 
 
 class FakeRun:

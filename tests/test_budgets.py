@@ -102,3 +102,34 @@ def test_the_papers_number_is_marked_on_its_panels(milestone_registry):
     assert not any(line.get_label() == "paper" for line in ax2.lines)
     assert ax3.get_ylim()[0] < -40.0 < ax3.get_ylim()[1]
     plt.close(fig)
+
+
+def test_a_run_at_a_milestone_loads_its_weights_of_that_epoch(milestone_registry, tmp_path):
+    """Figs 5-6 at a milestone: the per-unit KL of that epoch, and the weights of that epoch (the kept
+    milestone weights), never the weights the run went on to; without them, an error that says so."""
+    import torch
+
+    from lvae.registry.runs import MILESTONE_WEIGHTS, WEIGHTS_FP16, RunError, load_checkpoint
+    from lvae.report import latent_units
+
+    by_budget = budgets.budget_runs(1, dataset="synthetic", root=milestone_registry)
+    at2 = by_budget["tiny, 2 epochs"][("lvae_bn_wu", 1, 0)]  # the run went on to 3 epochs
+    assert load_checkpoint(at2.path / WEIGHTS_FP16)["epoch"] == 3
+    with pytest.raises(RunError, match=r"no weights of epoch 2 \(checkpoint.pt: epoch 3, model-fp16.pt: epoch 3\)"):
+        at2.load_model()
+    kept = load_checkpoint(at2.path / WEIGHTS_FP16)
+    fake = {k: (v * 0 if v.is_floating_point() else v) for k, v in kept["model"].items()}  # marks the file read
+    torch.save({"model": fake, "epoch": 2}, at2.path / MILESTONE_WEIGHTS.format(epoch=2))
+    assert at2.weights_path().name == "model-fp16-e2.pt"
+    assert all(float(p.detach().abs().sum()) == 0 for p in at2.load_model().parameters())
+    at3 = by_budget["tiny, 3 epochs"][("lvae_bn_wu", 1, 0)]
+    assert at3.load_model() is not None  # the run's own weights, of epoch 3
+    rows = latent_units.budget_layer_rows(by_budget, ("lvae_bn_wu", "vae_bn_wu"), 1)
+    assert [(r["budget"], r["model"], r["seeds"]) for r in rows] == [
+        ("tiny, 2 epochs", "LVAE+BN+WU 1-layer", "2 of 2"),
+        ("tiny, 2 epochs", "VAE+BN+WU 1-layer", ("1 of 2", "seed 1: not run")),
+        ("tiny, 3 epochs", "LVAE+BN+WU 1-layer", ("1 of 2", "seed 1: not run")),
+        ("tiny, 3 epochs", "VAE+BN+WU 1-layer", ("1 of 2", "seed 1: not run"))]
+    kl2 = next(r["kl_units"] for r in at2.base.metrics() if r["epoch"] == 2)
+    assert rows[0]["active units z1…z1"] != "—" and latent_units.run_kl_units(at2) == kl2
+    assert rows[0]["KL above z1 [%]"] == "0.0 ± 0.0"  # one layer: nothing above z1

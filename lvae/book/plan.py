@@ -23,8 +23,7 @@ import yaml
 from lvae.data.datasets import DATASETS
 from lvae.registry.profiles import Profile, available, experiment, load_profile
 from lvae.registry.runs import COMMITTED, RESULTS_ENV, list_runs, repository, stored_run
-from lvae.registry.storage import RunError
-from lvae.report.run_values import short_device
+from lvae.registry.storage import RunError, short_device
 
 SCRATCH = "_build"  # scratch registries (git-ignored): <repository>/_build/<profile>-results
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -267,6 +268,14 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def short_device(device: str | None) -> str | None:
+    """``device_description`` in a table cell: "cpu (x86_64, 2 threads)" -> "cpu, 2 threads"."""
+    m = re.fullmatch(r"cpu \((.*), (\d+) threads\)", device or "")
+    if m:
+        return f"cpu, {m.group(2)} thread{'' if m.group(2) == '1' else 's'}"
+    return device
 
 
 @functools.lru_cache(maxsize=1)

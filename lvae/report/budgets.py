@@ -18,7 +18,6 @@ from lvae.report.run_values import (Key, at_epoch, best_lk, final, first_complet
                                     model_label, profile_runs, run_state)
 from lvae.report.seed_means import SeedMean, difference, iw_k, lk_images, run_contrast, seed_mean, seeds_cell
 
-
 # -- the budgets in the registry -----------------------------------------------------------------
 BUDGET_VARIANTS = ("lvae_bn_wu", "vae_bn_wu", "lvae_bn", "lvae_wu")  # the depth-5 pair and the Fig 7 ablations
 

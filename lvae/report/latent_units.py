@@ -118,3 +118,29 @@ def layer_kl(runs: dict, variants: Sequence[str], depth: int) -> dict[str, dict[
                   "upper": SeedMean("upper_share", shares, missing,
                                     mean_ci(list(shares.values())) if shares else None, None, None)}
     return out
+
+
+# -- at every budget -----------------------------------------------------------------------------
+def _mean_text(sm: SeedMean) -> str:
+    """A count over seeds in one short cell: the mean (one decimal where the seeds differ)."""
+    return "—" if sm.value is None else (f"{sm.value:.0f}" if float(sm.value).is_integer() else f"{sm.value:.1f}")
+
+
+def budget_layer_rows(by_budget: dict[str, dict], variants: Sequence[str], depth: int) -> list[dict[str, Any]]:
+    """One row per budget (:func:`lvae.report.budgets.budget_runs`, every run read at the budget's epoch)
+    and model: the seeds with a number, the active units per layer (mean over the seeds) and the
+    share of the test KL above z1 (Fig 5; mean ± 95 % CI over the seeds, a bare value with one seed),
+    from the per-unit KL that training stored at that epoch."""
+    rows = []
+    for name, runs in by_budget.items():
+        counts = active_unit_counts(runs, variants, depth)
+        split = layer_kl(runs, variants, depth)
+        listed = len({k[2] for k in runs})
+        for v in variants:
+            upper = split[v]["upper"]
+            rows.append({"budget": name, "model": f"{VARIANTS[v]['label']} {depth}-layer",
+                         "seeds": seeds_cell([upper], listed),
+                         f"active units z1…z{depth}": " / ".join(_mean_text(counts[v][f"z{i + 1}"])
+                                                               for i in range(depth)),
+                         "KL above z1 [%]": upper.text("{:.1f}") or "—"})
+    return rows

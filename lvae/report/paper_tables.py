@@ -15,7 +15,6 @@ from lvae.report import paper
 from lvae.report.run_values import best_lk, final, first_complete_run, lk_label, model_label
 from lvae.report.seed_means import best_model, iw_k, lk_images, seed_mean, seeds_cell
 
-
 # -- section 3's headline numbers ----------------------------------------------------------------
 HEADLINE_KEYS = ("mnist_lvae5_test_L1", "mnist_best_vae_test_L1", "mnist_lvae5_test_L5000",
                  "mnist_best_vae_test_L5000", "t1_lvae5")

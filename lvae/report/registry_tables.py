@@ -5,7 +5,8 @@ from typing import Any
 
 from lvae.registry.profiles import available, load_profile
 from lvae.registry.runs import list_runs
-from lvae.report.run_values import final, lk_label, short_device
+from lvae.registry.storage import short_device
+from lvae.report.run_values import final, lk_label
 
 
 def profile_rows() -> list[dict[str, Any]]:

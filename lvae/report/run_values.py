@@ -4,18 +4,23 @@ A run's metric history (:func:`history`) and its final value of a metric (:func:
 for a failed or unfinished run); its final L_K on the most test images (:func:`best_lk`: the
 training-time evaluation or a later ``lvae eval`` of the same weights); a run read as it stood at an
 epoch (:class:`RunAtEpoch`, :func:`at_epoch`); the runs of a profile keyed (variant, depth, seed)
-(:func:`profile_runs`); and the labels a table shows for them (:func:`lk_label`, :func:`run_state`,
-:func:`short_device`).
+(:func:`profile_runs`); and the labels a table shows for them (:func:`lk_label`, :func:`run_state`; the device,
+:func:`lvae.registry.storage.short_device`).
 """
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
+from lvae.model.network import build_model
 from lvae.registry.profiles import load_profile
-from lvae.registry.runs import Run, RunFailedError, RunIncompleteError
+from lvae.registry.runs import (CHECKPOINT, MILESTONE_WEIGHTS, WEIGHTS_FP16, Run, RunError, RunFailedError,
+                                RunIncompleteError, load_checkpoint)
+from lvae.registry.storage import short_device
 from lvae.training.profile_runs import find_run
 
 
@@ -132,6 +137,32 @@ class RunAtEpoch(Run):
     def damage(self) -> str | None:
         return self.base.damage()
 
+    def weights_path(self) -> Path:
+        """The file with this run's weights of epoch ``at``: the milestone's kept weights
+        (``model-fp16-e<at>.pt``), else the run's own fp16 weights or checkpoint when they are of that
+        epoch. A RunError names the epochs there are weights of otherwise."""
+        kept = self.path / MILESTONE_WEIGHTS.format(epoch=self.at)
+        if kept.exists():
+            return kept
+        found = {}
+        for name in (CHECKPOINT, WEIGHTS_FP16):
+            if (self.path / name).exists():
+                found[name] = load_checkpoint(self.path / name).get("epoch")
+                if found[name] == self.at:
+                    return self.path / name
+        have = ", ".join(f"{name}: epoch {e}" for name, e in found.items()) or "no weights"
+        raise RunError(f"{self.path} has no weights of epoch {self.at} ({have}); a run that trains past a "
+                       f"milestone keeps them as {MILESTONE_WEIGHTS.format(epoch=self.at)} "
+                       f"(lvae.training.campaign), and `lvae runs export --at-epoch {self.at}` carries them")
+
+    def load_model(self, device: str | torch.device = "cpu"):
+        """The model in eval mode (fp32) with its weights of epoch ``at`` (:meth:`weights_path`)."""
+        path = self.weights_path()
+        model = build_model(self.config.model)
+        state = load_checkpoint(path)["model"]
+        model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
+        return model.to(device).eval()
+
 
 def at_epoch(run, epoch: int | None):
     """``run`` as it stood at ``epoch`` (:class:`RunAtEpoch`); the run itself when ``epoch`` is None or
@@ -179,11 +210,3 @@ def run_state(run) -> str:
 def lk_label(k: int | None, n: int | None) -> str:
     """``L5000 (500 images)``: every L_K says how many test images it covers."""
     return f"L{k or 'K'} ({n:,} images)" if n else f"L{k or 'K'}"
-
-
-def short_device(device: str | None) -> str | None:
-    """``lvae.registry.runs.device_description`` in a table cell: "cpu (x86_64, 2 threads)" -> "cpu, 2 threads"."""
-    m = re.fullmatch(r"cpu \((.*), (\d+) threads\)", device or "")
-    if m:
-        return f"cpu, {m.group(2)} thread{'' if m.group(2) == '1' else 's'}"
-    return device
