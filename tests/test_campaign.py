@@ -198,6 +198,25 @@ def test_a_milestone_of_a_run_in_training_is_exported_and_later_replaced_by_the_
     assert (imported.epochs, Run(dest / run.name).epochs, imported.identical) == (4, 4, False)
 
 
+
+def test_a_later_milestone_keeps_the_per_image_values_of_the_earlier_one(small_campaign, tmp_path):
+    """The milestone at 1,000 epochs replaces the committed one at 300 in results/: the per-image values
+    of epoch 300 (the paired comparisons at that budget) come with it."""
+    stages = [campaign.Stage("lvae_bn_wu", 0, e) for e in (2, 3, 4)]
+    campaign.work(stages=stages, progress=False, log=lambda s: None)
+    run = Run(campaign.registry() / small_config("lvae_bn_wu", 0).dir_name)
+    per_image = {r["epoch"]: r["per_image"] for r in run.metrics() if r.get("per_image")}
+    assert {2, 3} <= set(per_image)
+    dest = tmp_path / "results"
+    export_runs([run.path], tmp_path / "m2.tar", at_epoch=2)
+    import_runs(tmp_path / "m2.tar", root=dest)
+    export_runs([run.path], tmp_path / "m3.tar", at_epoch=3)
+    (imported,) = import_runs(tmp_path / "m3.tar", root=dest)
+    snap = Run(dest / run.name)
+    assert (imported.epochs, imported.identical, snap.epochs) == (3, False, 3)
+    assert (snap.path / per_image[2]).read_bytes() == (run.path / per_image[2]).read_bytes()
+    assert (snap.path / per_image[3]).exists() and not (snap.path / per_image.get(4, "none")).exists()
+
 # -- the numbers of the step the runs in flight use ----------------------------------------------------
 def fingerprint() -> str:
     """What decides a float32 step's rounding besides the code: torch and the CPU's vector extensions."""

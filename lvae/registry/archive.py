@@ -91,8 +91,8 @@ def _check_exportable(run: Run, with_checkpoint: bool) -> None:
 
 def milestone_files(run: Run, epoch: int) -> dict[str, bytes]:
     """The files of ``run`` as it stood at ``epoch``, a milestone it went past and kept
-    (``model-fp16-e<epoch>.pt``, :mod:`lvae.training.campaign`): its evaluations up to that epoch, the per-image
-    values of that epoch, those weights as its ``model-fp16.pt``, and its provenance at that epoch
+    (``model-fp16-e<epoch>.pt``, :mod:`lvae.training.campaign`): its evaluations up to that epoch with their
+    per-image values, those weights as its ``model-fp16.pt``, and its provenance at that epoch
     (complete there; ``milestone_of`` records how far the run itself had got). What it writes after
     that epoch never changes these, so the run may still be training."""
     kept = run.path / MILESTONE_WEIGHTS.format(epoch=epoch)
@@ -121,7 +121,9 @@ def milestone_files(run: Run, epoch: int) -> dict[str, bytes]:
            WEIGHTS_FP16: kept.read_bytes()}
     if evals:
         out["evals.jsonl"] = "".join(json.dumps(r, sort_keys=True) + "\n" for r in evals).encode()
-    for name in {r["per_image"] for r in rows + evals if r.get("per_image") and r.get("epoch") == epoch}:
+    # the per-image values of every evaluation up to the milestone: a committed earlier milestone's are
+    # kept when this one replaces it (its budget's paired comparisons read them)
+    for name in sorted({r["per_image"] for r in rows + evals if r.get("per_image")}):
         out[name] = (run.path / name).read_bytes()
     return out
 
