@@ -120,7 +120,7 @@ def test_a_run_at_a_milestone_loads_its_weights_of_that_epoch(milestone_registry
     kept = load_checkpoint(at2.path / WEIGHTS_FP16)
     fake = {k: (v * 0 if v.is_floating_point() else v) for k, v in kept["model"].items()}  # marks the file read
     torch.save({"model": fake, "epoch": 2}, at2.path / MILESTONE_WEIGHTS.format(epoch=2))
-    assert at2.weights_path().name == "model-fp16-e2.pt"
+    assert at2.weights()[0].name == "model-fp16-e2.pt"
     assert all(float(p.detach().abs().sum()) == 0 for p in at2.load_model().parameters())
     at3 = by_budget["tiny, 3 epochs"][("lvae_bn_wu", 1, 0)]
     assert at3.load_model() is not None  # the run's own weights, of epoch 3

@@ -351,27 +351,31 @@ class Run:
                 if r.get("per_image") and r.get("epoch") == self.epochs and (k is None or r.get("iw_k") == k)
                 and (self.path / r["per_image"]).exists()]
 
+    def weights(self) -> tuple[Path, dict]:
+        """(file, its loaded payload) of the run's weights: the full checkpoint, else the fp16 weights.
+        Without either, a RunError naming the command that recreates them."""
+        for name in (CHECKPOINT, WEIGHTS_FP16):
+            if (self.path / name).exists():
+                return self.path / name, load_checkpoint(self.path / name)
+        # only the fp16 weights of a few models travel with the repository; checkpoints stay local
+        scratch = Path(tempfile.gettempdir()) / "lvae-retrained"  # never overwrite this run's own record
+        prov = self.provenance
+        epochs = self.epochs or int(prov.get("target_epochs", 0)) or 1
+        took = (f" (it took {prov['wall_seconds'] / 60:.0f} min on {prov.get('device', '?')})"
+                if self.epochs and prov.get("wall_seconds") else "")
+        command = train_command(self.config, epochs, self.eval_config, out=scratch)
+        raise RunError(f"{self.path} has no weights ({CHECKPOINT} or {WEIGHTS_FP16}: the repository holds the "
+                       f"fp16 weights of a few models only). Recreate them in a scratch registry with "
+                       f"`{command}`{took} and use that run "
+                       f"(e.g. `lvae eval {self.name} --out {scratch}`); in Python: lvae.training.loop.get_or_train("
+                       f"run.config, {epochs}, run.eval_config, root={str(scratch)!r})")
+
     def load_model(self, device: str | torch.device = "cpu") -> HierarchicalVAE:
-        """The trained model in eval mode (fp32), from the full checkpoint or the fp16 weights."""
+        """The trained model in eval mode (fp32), from :meth:`weights` (fp16 weights cast to fp32)."""
+        path, payload = self.weights()
         model = build_model(self.config.model)
-        ckpt, fp16 = self.path / CHECKPOINT, self.path / WEIGHTS_FP16
-        if ckpt.exists():
-            state = load_checkpoint(ckpt)["model"]
-        elif fp16.exists():
-            state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_checkpoint(fp16)["model"].items()}
-        else:  # only the fp16 weights of a few models travel with the repository; checkpoints stay local
-            scratch = Path(tempfile.gettempdir()) / "lvae-retrained"  # never overwrite this run's own record
-            prov = self.provenance
-            epochs = self.epochs or int(prov.get("target_epochs", 0)) or 1
-            took = (f" (it took {prov['wall_seconds'] / 60:.0f} min on {prov.get('device', '?')})"
-                    if self.epochs and prov.get("wall_seconds") else "")
-            command = train_command(self.config, epochs, self.eval_config, out=scratch)
-            raise RunError(f"{self.path} has no weights ({CHECKPOINT} or {WEIGHTS_FP16}: the repository holds the "
-                           f"fp16 weights of a few models only). Recreate them in a scratch registry with "
-                           f"`{command}`{took} and use that run "
-                           f"(e.g. `lvae eval {self.name} --out {scratch}`); in Python: lvae.training.loop.get_or_train("
-                           f"run.config, {epochs}, run.eval_config, root={str(scratch)!r})")
-        _load_state(model, state, ckpt if ckpt.exists() else fp16)
+        state = {k: (v.float() if v.is_floating_point() else v) for k, v in payload["model"].items()}
+        _load_state(model, state, path)
         return model.to(device).eval()
 
 

@@ -9,14 +9,11 @@ epoch (:class:`RunAtEpoch`, :func:`at_epoch`); the runs of a profile keyed (vari
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from lvae.model.network import build_model
 from lvae.registry.profiles import load_profile
 from lvae.registry.runs import (CHECKPOINT, MILESTONE_WEIGHTS, WEIGHTS_FP16, Run, RunError, RunFailedError,
                                 RunIncompleteError, load_checkpoint)
@@ -137,31 +134,24 @@ class RunAtEpoch(Run):
     def damage(self) -> str | None:
         return self.base.damage()
 
-    def weights_path(self) -> Path:
-        """The file with this run's weights of epoch ``at``: the milestone's kept weights
-        (``model-fp16-e<at>.pt``), else the run's own fp16 weights or checkpoint when they are of that
-        epoch. A RunError names the epochs there are weights of otherwise."""
+    def weights(self) -> tuple[Path, dict]:
+        """(file, payload) of this run's weights of epoch ``at``: the milestone's kept weights
+        (``model-fp16-e<at>.pt``), else the run's own checkpoint or fp16 weights when they are of that
+        epoch (:meth:`load_model` loads them). A RunError names the epochs there are weights of otherwise."""
         kept = self.path / MILESTONE_WEIGHTS.format(epoch=self.at)
         if kept.exists():
-            return kept
+            return kept, load_checkpoint(kept)
         found = {}
         for name in (CHECKPOINT, WEIGHTS_FP16):
             if (self.path / name).exists():
-                found[name] = load_checkpoint(self.path / name).get("epoch")
-                if found[name] == self.at:
-                    return self.path / name
+                payload = load_checkpoint(self.path / name)
+                if payload.get("epoch") == self.at:
+                    return self.path / name, payload
+                found[name] = payload.get("epoch")
         have = ", ".join(f"{name}: epoch {e}" for name, e in found.items()) or "no weights"
         raise RunError(f"{self.path} has no weights of epoch {self.at} ({have}); a run that trains past a "
                        f"milestone keeps them as {MILESTONE_WEIGHTS.format(epoch=self.at)} "
                        f"(lvae.training.campaign), and `lvae runs export --at-epoch {self.at}` carries them")
-
-    def load_model(self, device: str | torch.device = "cpu"):
-        """The model in eval mode (fp32) with its weights of epoch ``at`` (:meth:`weights_path`)."""
-        path = self.weights_path()
-        model = build_model(self.config.model)
-        state = load_checkpoint(path)["model"]
-        model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()})
-        return model.to(device).eval()
 
 
 def at_epoch(run, epoch: int | None):
