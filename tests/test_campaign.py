@@ -109,6 +109,21 @@ def test_a_stage_another_worker_holds_is_skipped(small_campaign):
     assert not campaign.stage_done(stages[0])
 
 
+def test_a_full_test_evaluation_another_worker_holds_is_skipped_not_done_twice(small_campaign):
+    stages = [campaign.Stage("vae_bn_wu", 1, 1), campaign.Stage("vae_bn_wu", 1, 1, full_test=True)]
+    campaign.work(stages=stages[:1], progress=False, log=lambda line: None)
+    run = Run(campaign.registry() / small_config("vae_bn_wu", 1).dir_name)
+    log = []
+    with run_lock(run.path):  # the other worker evaluating it
+        campaign.work(stages=stages, progress=False, log=log.append)
+    assert any("L5000 on all 10,000 test images: evaluated by another worker, skipped" in line for line in log)
+    assert log[-1] == "every remaining stage is held by another worker"
+    assert run.evals() == [] and run.status == "complete"
+    campaign.work(stages=stages, progress=False, log=log.append)  # released: done once
+    campaign.run_stage(stages[1], small_campaign, None, progress=False)  # a worker that took it before: no-op
+    assert [(r["epoch"], r["n_iw"]) for r in run.evals()] == [(1, 128)]
+
+
 def test_status_names_every_run_of_the_plan(small_campaign):
     campaign.work(stages=[campaign.Stage("lvae_bn_wu", 0, 1)], progress=False, log=lambda s: None)
     rows = {r["run"]: r for r in campaign.status()}

@@ -49,7 +49,7 @@ from lvae.config import EvalConfig, RunConfig
 from lvae.data.datasets import load_dataset
 from lvae.registry.profiles import experiment, load_profile
 from lvae.registry.runs import MILESTONE_WEIGHTS, WEIGHTS_FP16, Run, load_checkpoint, stored_run
-from lvae.registry.storage import RunLockedError, atomic_write_bytes
+from lvae.registry.storage import RunLockedError, atomic_write_bytes, run_lock
 from lvae.training.loop import get_or_train
 from lvae.training.step import evaluate_run
 
@@ -170,7 +170,10 @@ def run_stage(stage: Stage, root: Path, data, progress: bool = True, keep: bool 
         run = _run(stage, root)
         if run is None or run.epochs != stage.epochs:
             raise RuntimeError(f"{stage.label()}: the run is not at {stage.epochs} epochs")
-        evaluate_run(run, iw_k=eval_config().iw_k, test_subset=None, iw_subset=None, progress=progress)
+        # held like training, so that a second worker skips it instead of evaluating it again
+        with run_lock(run.path):
+            if _full_test_eval(run, stage.epochs) is None:  # not done by a worker that held it before
+                evaluate_run(run, iw_k=eval_config().iw_k, test_subset=None, iw_subset=None, progress=progress)
         return run
     run = get_or_train(stage.config, stage.epochs, eval_config(), root=registry(root), device="cpu",
                        progress=progress, data=data)
@@ -205,7 +208,7 @@ def work(root: Path | None = None, reverse: bool = False, threads: int = THREADS
             try:
                 run = run_stage(stage, root, data, progress, keep=_goes_on(stage, stages))
             except RunLockedError:
-                log(f"{stage.label()}: trained by another worker, skipped")
+                log(f"{stage.label()}: {'evaluated' if stage.full_test else 'trained'} by another worker, skipped")
                 continue
             if not stage_done(stage, root, stages):  # a stage that cannot finish would be redone forever
                 raise RuntimeError(f"{stage.label()}: finished, but the run does not show it done ({run.status}, "
