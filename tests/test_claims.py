@@ -501,3 +501,12 @@ def test_runs_that_measured_different_k_are_not_compared_and_the_row_says_which(
     assert row.parts[0].label.endswith("(L_K)")
     l1 = evaluate_claim(FIG2, Registry(P, tmp_path))  # L1 is unaffected
     assert l1.verdict == REPRODUCED and l1.parts[0].k is None
+
+
+def test_a_budget_sentence_names_the_seeds_of_the_runs_that_reached_its_epoch():
+    p = load_profile("paper")
+    assert "seed(s) 0, 1, 2," in p.budget(300) and "seed(s) 0," in p.budget(2000, seeds=[0])
+    # the committed runs of the paper's schedule: three seeds at 300 epochs, seed 0 alone at 2,000
+    committed = claims.repository() / claims.COMMITTED
+    assert "seed(s) 0, 1, 2," in claims.Budget("paper", 300).text(committed)
+    assert "seed(s) 0, fp32" in claims.Budget("paper", 2000, seed_term_epoch=300).text(committed)

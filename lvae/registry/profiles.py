@@ -57,11 +57,13 @@ class Profile:
     def max_depth(self) -> int:
         return max(self.depths)
 
-    def budget(self, epochs: int | None = None, step: str | None = None, n_iw: int | None = None) -> str:
+    def budget(self, epochs: int | None = None, step: str | None = None, n_iw: int | None = None,
+               seeds: Sequence[int] | None = None) -> str:
         """One sentence stating the budget, for captions next to our numbers: training length (at
         ``epochs`` when the runs are read before the profile's end), data, seeds, the training step's
         precision and compilation (``step``: as the runs record it, e.g. "fp32, compiled"), and the
-        L_K evaluation (``n_iw``: the test images the runs' L_K covers, when known)."""
+        L_K evaluation (``n_iw``: the test images the runs' L_K covers, when known); ``seeds``: those of
+        the runs read (default: the profile's), e.g. the one seed that went on to a later milestone."""
         n_train = "all 60,000" if self.subset is None else f"{self.subset:,}"
         n_iw = f"{n_iw:,}" if n_iw is not None else \
             "all" if self.iw_subset is None and self.test_subset is None else f"{self.iw_subset or self.test_subset:,}"
@@ -70,7 +72,7 @@ class Profile:
             f"{train.get('precision', 'fp32')} training step{', compiled' if train.get('compile') else ''}"
         at = f"{self.epochs} epochs" if epochs is None or epochs == self.epochs else f"{epochs} of {self.epochs} epochs"
         return (f"profile '{self.name}': {at} (warm-up {self.warmup_epochs}) on {n_train} training "
-                f"images, seed(s) {', '.join(map(str, self.seeds))}, {step}, L_{self.iw_k} on {n_iw} test images")
+                f"images, seed(s) {', '.join(map(str, self.seeds if seeds is None else seeds))}, {step}, L_{self.iw_k} on {n_iw} test images")
 
 
 def _profile_file() -> Path:

@@ -1015,7 +1015,8 @@ class Budget:
         p = load_profile(self.profile)
         runs = [at_epoch(r, self.epoch) for r in profile_runs(p, root).values() if r is not None]
         runs = [r for r in runs if r.ok]
-        text = p.budget(self.epoch, step_text(runs) if runs else None, lk_images(runs))
+        seeds = sorted({r.config.train.seed for r in runs}) or None  # those that reached the epoch
+        text = p.budget(self.epoch, step_text(runs) if runs else None, lk_images(runs), seeds)
         if self.seed_term_epoch is not None:
             text += (f"; a comparison with one seed takes its seed term from the same comparison at "
                      f"{self.seed_term_epoch} epochs")
