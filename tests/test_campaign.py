@@ -213,7 +213,6 @@ def test_a_milestone_of_a_run_in_training_is_exported_and_later_replaced_by_the_
     assert (imported.epochs, Run(dest / run.name).epochs, imported.identical) == (4, 4, False)
 
 
-
 def test_a_later_milestone_keeps_the_per_image_values_of_the_earlier_one(small_campaign, tmp_path):
     """The milestone at 1,000 epochs replaces the committed one at 300 in results/: the per-image values
     of epoch 300 (the paired comparisons at that budget) come with it."""
@@ -231,6 +230,7 @@ def test_a_later_milestone_keeps_the_per_image_values_of_the_earlier_one(small_c
     assert (imported.epochs, imported.identical, snap.epochs) == (3, False, 3)
     assert (snap.path / per_image[2]).read_bytes() == (run.path / per_image[2]).read_bytes()
     assert (snap.path / per_image[3]).exists() and not (snap.path / per_image.get(4, "none")).exists()
+
 
 # -- the numbers of the step the runs in flight use ----------------------------------------------------
 def fingerprint() -> str:

@@ -71,8 +71,9 @@ class Profile:
         step = f"{step} training step" if step is not None else \
             f"{train.get('precision', 'fp32')} training step{', compiled' if train.get('compile') else ''}"
         at = f"{self.epochs} epochs" if epochs is None or epochs == self.epochs else f"{epochs} of {self.epochs} epochs"
+        seeds = ", ".join(map(str, self.seeds if seeds is None else seeds))
         return (f"profile '{self.name}': {at} (warm-up {self.warmup_epochs}) on {n_train} training "
-                f"images, seed(s) {', '.join(map(str, self.seeds if seeds is None else seeds))}, {step}, L_{self.iw_k} on {n_iw} test images")
+                f"images, seed(s) {seeds}, {step}, L_{self.iw_k} on {n_iw} test images")
 
 
 def _profile_file() -> Path:
